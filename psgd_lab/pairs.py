@@ -1,0 +1,74 @@
+"""Where the fitting pair ``(v, h)`` comes from (MATH.md §2).
+
+- whitening: ``h = g`` (gradient or momentum), ``v`` independent of it (or integrated out);
+- Newton: ``v ~ N(0, I)``, ``h = H v`` from autograd (double backward) or finite differences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+HVP_METHODS = ("autograd", "finite_difference")
+
+
+def randn_like(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """``N(0, I)`` of ``x``'s shape, dtype and device, drawn from ``generator``."""
+    return torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+
+
+def damp(h: Tensor, damping: float, generator: torch.Generator | None = None) -> Tensor:
+    """``h + (damping + eps·|h|) ⊙ n`` with ``n ~ N(0, I)``: bounds ``P ≤ I / damping``."""
+    eps = torch.finfo(h.dtype).eps
+    return h + (damping + eps * h.abs()) * randn_like(h, generator)
+
+
+def kron_torch_pair(m: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """kron-torch's whitening pair: ``v ~ N(0, I)``, ``h = m + sqrt(eps_f32)·mean|m|·v``."""
+    v = randn_like(m, generator)
+    eps = torch.finfo(torch.float32).eps
+    return v, m + (eps**0.5) * m.abs().mean() * v
+
+
+def hvp_autograd(
+    grads: Sequence[Tensor], params: Sequence[Tensor], vs: Sequence[Tensor]
+) -> list[Tensor]:
+    """Exact ``H v`` by double backward; ``grads`` must come from ``backward(create_graph=True)``.
+
+    Cost: one extra backward pass through the graph of the gradient (about 2x a plain backward),
+    and the graph of the first backward is kept alive until this returns.
+    """
+    hv = torch.autograd.grad(grads, params, vs, allow_unused=True)
+    return [torch.zeros_like(p) if x is None else x for p, x in zip(params, hv)]
+
+
+def hvp_finite_difference(
+    grad_fn: Callable[[], Sequence[Tensor]],
+    params: Sequence[Tensor],
+    vs: Sequence[Tensor],
+    grads: Sequence[Tensor] | None = None,
+    delta: float | None = None,
+) -> list[Tensor]:
+    """``H v ≈ (g(θ + δv) − g(θ)) / δ`` with ``δ = sqrt(eps(dtype))`` (MATH.md §2).
+
+    ``grad_fn()`` returns the gradients at the current ``params``; ``grads`` are those at ``θ``
+    if already known (saves one call). Parameters are restored exactly afterwards.
+    Cost: one extra forward and backward pass; no second derivatives needed.
+    """
+    if grads is None:
+        grads = [g.detach().clone() for g in grad_fn()]
+    if delta is None:
+        delta = torch.finfo(params[0].dtype).eps ** 0.5
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, v in zip(params, vs):
+            p.add_(v.to(p.dtype), alpha=delta)
+    try:
+        shifted = [g.detach().clone() for g in grad_fn()]
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+    return [(gs - g0) / delta for gs, g0 in zip(shifted, grads)]

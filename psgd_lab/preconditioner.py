@@ -1,0 +1,243 @@
+"""``KronPreconditioner``: one Kronecker-factored preconditioner a researcher can drive by hand.
+
+It holds the factors ``Q``, the Lipschitz estimates ``L`` and a private random generator; the
+maths lives in ``structure``, ``factors``, ``geometry`` and ``pairs``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import factors
+from . import geometry as geo
+from .pairs import damp
+from .structure import diag_dims, make_plan, merged_shape
+
+
+def check_tensor(name: str, x: object) -> Tensor:
+    """A floating or complex tensor, or a ``TypeError`` naming the argument."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+    if not (x.is_floating_point() or x.is_complex()):
+        raise TypeError(f"{name} must have a floating-point or complex dtype; got {x.dtype}")
+    return x
+
+
+def check_positive(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number; got {value!r}")
+    return float(value)
+
+
+class KronPreconditioner:
+    """``P = QᴴQ`` with ``Q = Q_1 ⊗ ... ⊗ Q_k`` for tensors of ``shape``.
+
+    Args:
+        shape: the shape of the tensors it preconditions (``()`` for a scalar).
+        geometry: the update rule, one of ``psgd_lab.GEOMETRIES``.
+        init_scale: ``Q = init_scale · I`` (squared for ``PRO4P``/``QUAD4P``); ``None`` picks the
+            data-driven scale of MATH.md §4 at the first ``update``.
+        max_size_triangular, min_ndim_triangular, memory_save_mode, max_skew: which dims get
+            diagonal factors (MATH.md §4, ``psgd_lab.structure.diag_dims``).
+        merge_dims: precondition ``ndim > 2`` tensors as kron-torch's merged 2-D shape.
+        lipschitz: ``"kron"`` (``L = ℓ``) or ``"ema"`` (``L <- max(β L + (1-β) ℓ, ℓ)``).
+        beta_L: the EMA factor for ``lipschitz="ema"``.
+        damping: noise added to ``h`` before fitting; bounds ``P ≤ I/damping``. 0 disables it.
+        dtype, device: of the factors.
+        seed: seeds the private generator used for ``v`` draws and random norm bounds.
+        diag: one flag per dim of ``factor_shape`` (True: diagonal factor), overriding the rules.
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        geometry: str = "EQ",
+        init_scale: float | None = 1.0,
+        max_size_triangular: float = 8192,
+        min_ndim_triangular: int = 2,
+        memory_save_mode: str | None = None,
+        max_skew: float = math.inf,
+        merge_dims: bool = False,
+        lipschitz: str = "kron",
+        beta_L: float = 0.9,
+        damping: float = 1e-9,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        seed: int | None = None,
+        diag: Sequence[bool] | None = None,
+    ):
+        geo.check_geometry(geometry)
+        geo.check_lipschitz(lipschitz)
+        if not (isinstance(dtype, torch.dtype) and (dtype.is_floating_point or dtype.is_complex)):
+            raise TypeError(f"dtype must be a floating-point or complex torch.dtype; got {dtype}")
+        if init_scale is not None:
+            check_positive("init_scale", init_scale)
+        if not 0 <= beta_L < 1:
+            raise ValueError(f"beta_L must be in [0, 1); got {beta_L!r}")
+        if damping < 0:
+            raise ValueError(f"damping must be >= 0; got {damping!r}")
+        self.shape = tuple(int(d) for d in shape)
+        self.factor_shape = merged_shape(self.shape) if merge_dims else self.shape
+        if diag is None:
+            diag = diag_dims(
+                self.factor_shape,
+                max_size_triangular,
+                min_ndim_triangular,
+                memory_save_mode,
+                max_skew,
+            )
+        elif len(diag) != len(self.factor_shape):
+            raise ValueError(
+                f"diag must have one flag per dim of {self.factor_shape}; got {tuple(diag)}"
+            )
+        self.diag = tuple(bool(x) for x in diag)
+        self.plan = make_plan(self.factor_shape, self.diag)
+        self.geometry = geometry
+        self.lipschitz = lipschitz
+        self.beta_L = beta_L
+        self.damping = float(damping)
+        self.dtype = dtype
+        self.init_scale = init_scale
+        self.generator = torch.Generator(device=device or "cpu")
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        else:
+            self.generator.seed()
+        scale = 1.0 if init_scale is None else init_scale
+        self.Q = factors.init_factors(self.plan, self._scale(scale), dtype, device)
+        self.L = [torch.zeros((), dtype=_real_dtype(dtype), device=device) for _ in self.Q]
+        self._initialised = init_scale is not None
+        self.num_updates = 0
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def device(self) -> torch.device:
+        return self.Q[0].device
+
+    @property
+    def diag_dims(self) -> tuple[int, ...]:
+        """Indices (into ``factor_shape``) of the dims with diagonal factors."""
+        return tuple(i for i, d in enumerate(self.diag) if d)
+
+    @property
+    def dense_dims(self) -> tuple[int, ...]:
+        """Indices (into ``factor_shape``) of the dims with dense factors."""
+        return tuple(i for i, d in enumerate(self.diag) if not d)
+
+    @property
+    def fits_p(self) -> bool:
+        """True when the factors are factors of ``P`` itself (``PRO4P``, ``QUAD4P``)."""
+        return self.geometry in geo.FITS_P
+
+    def _scale(self, s):
+        return s * s if self.fits_p else s
+
+    # ------------------------------------------------------------------ maths
+    def _check(self, name: str, x: Tensor) -> Tensor:
+        check_tensor(name, x)
+        if tuple(x.shape) != self.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(x.shape)}, but this preconditioner is for shape "
+                f"{self.shape}"
+            )
+        return x.reshape(self.factor_shape).to(self.dtype)
+
+    def update(self, h: Tensor, v: Tensor | None = None, lr: float = 0.1) -> None:
+        """One fitting step on the pair ``(v, h)``.
+
+        ``v=None`` is whitening (``h`` is a gradient): ``v`` is integrated out where the geometry
+        allows, drawn internally where it does not (``EQ``). With ``v`` given, ``h`` should be
+        ``H v`` (Newton) or a gradient independent of ``v`` (whitening with explicit ``v``).
+        """
+        check_positive("lr", lr)
+        h = self._check("h", h)
+        if v is not None:
+            v = self._check("v", v)
+        if not self._initialised:
+            s = factors.data_init_scale(h, v, self.damping)
+            for q in self.Q:
+                q.mul_(self._scale(s).pow(1.0 / max(len(self.Q), 1)).to(q.real.dtype))
+            self._initialised = True
+        if self.damping > 0:
+            h = damp(h, self.damping, self.generator)
+        geo.update(
+            self.geometry,
+            self.Q,
+            self.L,
+            v,
+            h,
+            self.plan,
+            lr=lr,
+            lipschitz=self.lipschitz,
+            beta_L=self.beta_L,
+            generator=self.generator,
+        )
+        self.num_updates += 1
+
+    def precondition(self, g: Tensor) -> Tensor:
+        """``P g``, same shape as ``g`` (its dtype is kept)."""
+        x = self._check("g", g)
+        out = (
+            factors.apply_q(self.Q, x, self.plan)
+            if self.fits_p
+            else factors.apply_p(self.Q, x, self.plan)
+        )
+        return out.reshape(self.shape).to(g.dtype)
+
+    def balance(self) -> None:
+        """Rescale the factors to a common magnitude; ``P`` is unchanged."""
+        factors.balance(self.Q)
+
+    def factor_matrices(self) -> list[Tensor]:
+        """Dense ``P_i`` for each factor (``P = P_1 ⊗ ... ⊗ P_k``)."""
+        return [factors.factor_p(q, self.fits_p) for q in self.Q]
+
+    def matrix(self) -> Tensor:
+        """Dense ``P`` (``numel x numel``) for small shapes; ``ValueError`` past 4096."""
+        n = math.prod(self.factor_shape)
+        if n > factors.MAX_MATRIX_SIZE:
+            raise ValueError(
+                f"matrix() materialises a {n} x {n} matrix; it is limited to numel <= "
+                f"{factors.MAX_MATRIX_SIZE}. Use precondition(g) or factor_matrices() instead"
+            )
+        return factors.kron_matrix(self.factor_matrices())
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            "Q": [q.clone() for q in self.Q],
+            "L": [x.clone() for x in self.L],
+            "generator": self.generator.get_state(),
+            "initialised": self._initialised,
+            "num_updates": self.num_updates,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        shapes = [tuple(q.shape) for q in state["Q"]]
+        if shapes != [tuple(q.shape) for q in self.Q]:
+            raise ValueError(
+                f"state has factor shapes {shapes}, expected {[tuple(q.shape) for q in self.Q]}"
+            )
+        for q, s in zip(self.Q, state["Q"]):
+            q.copy_(s)
+        for x, s in zip(self.L, state["L"]):
+            x.copy_(s)
+        self.generator.set_state(state["generator"])
+        self._initialised = bool(state["initialised"])
+        self.num_updates = int(state["num_updates"])
+
+    def __repr__(self) -> str:
+        kinds = ", ".join("diag" if d else "dense" for d in self.diag) or "scalar"
+        return (
+            f"KronPreconditioner(shape={self.shape}, factors=[{kinds}], "
+            f"geometry={self.geometry!r}, dtype={self.dtype})"
+        )
+
+
+def _real_dtype(dtype: torch.dtype) -> torch.dtype:
+    real = torch.empty((), dtype=dtype).real.dtype
+    return torch.promote_types(real, torch.float32)
