@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import STRUCTURES, kron_problem
 
 from psgd_lab import GEOMETRIES, KronPreconditioner, factors
+from psgd_lab.problems import STRUCTURES, kron_problem
 from psgd_lab.structure import make_plan
 
 

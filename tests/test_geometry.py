@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import STRUCTURES, fit_error, hvp, kron_problem, random_spd
 
 from psgd_lab import GEOMETRIES, KronPreconditioner
 from psgd_lab.linalg import hermitian_defect
+from psgd_lab.problems import STRUCTURES, fit_error, hvp, kron_problem, random_spd
 
 # Newton: at P = H⁻¹ the pair (v, Hv) makes T1 = T2 exactly, so the fit converges linearly to
 # round-off. 1e-6 sits orders of magnitude above the worst measured error (EQ, dense: ~1e-8) and

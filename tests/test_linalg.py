@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_spd
 
 from psgd_lab.linalg import (
     hermitian_defect,
@@ -13,6 +12,7 @@ from psgd_lab.linalg import (
     procrustes_step,
     solve_upper_right,
 )
+from psgd_lab.problems import random_spd
 
 
 @pytest.mark.parametrize("method", ["power", "subspace"])

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from conftest import fit_error, random_spd
 
 from psgd_lab import KronPreconditioner
 from psgd_lab.pairs import damp, hvp_autograd, hvp_finite_difference, kron_torch_pair
+from psgd_lab.problems import fit_error, random_spd
 
 
 def quartic_problem(dtype=torch.float64):

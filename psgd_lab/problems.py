@@ -1,19 +1,10 @@
-"""Shared fixtures: the factor structures of MATH.md §6 and random SPD Kronecker Hessians."""
+"""Synthetic problems with known answers: Kronecker-structured SPD Hessians (MATH.md §6)."""
 
 from __future__ import annotations
 
 import math
-import os
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # Two xdist workers on two cores: one thread each, or OpenMP spin-waits oversubscribe the
-    # machine (a 1 s test took 120 s). Set before torch loads; notebook kernels inherit it.
-    os.environ["OMP_NUM_THREADS"] = "1"
-
-import torch  # noqa: E402
-
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
+import torch
 
 # name -> list of (size, is_diagonal); () is the scalar
 STRUCTURES = {

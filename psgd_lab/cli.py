@@ -1,0 +1,103 @@
+"""``psgd-lab reproduce | info``: run the notebooks headless and regenerate ``figures/``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _figures(folder: Path) -> dict[Path, float]:
+    return {p: p.stat().st_mtime for p in folder.glob("*") if p.is_file()}
+
+
+def run_notebook(path: Path, timeout: int = 600) -> tuple[float, str | None]:
+    """Execute ``path`` in place; return (seconds, error message naming the cell or None)."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent)}},
+    )
+    start = time.perf_counter()
+    error = None
+    try:
+        client.execute()
+    except CellExecutionError as exc:
+        index = next(
+            (
+                i
+                for i, cell in enumerate(nb.cells)
+                if any(o.get("output_type") == "error" for o in cell.get("outputs", []))
+            ),
+            None,
+        )
+        error = f"{path.name}: cell {index} failed: {str(exc).strip().splitlines()[-1]}"
+    nbformat.write(nb, path)
+    return time.perf_counter() - start, error
+
+
+def reproduce(notebooks: list[Path], figures: Path) -> int:
+    """Run every notebook, print a table (notebook, seconds, figures written); 1 on failure."""
+    from tqdm import tqdm
+
+    rows, errors = [], []
+    for path in tqdm(notebooks, desc="notebooks", unit="nb", file=sys.stderr):
+        before = _figures(figures) if figures.exists() else {}
+        seconds, error = run_notebook(path)
+        after = _figures(figures) if figures.exists() else {}
+        written = sorted(p.name for p, t in after.items() if before.get(p) != t)
+        rows.append((path.name, seconds, written))
+        if error:
+            errors.append(error)
+    width = max(len(r[0]) for r in rows) if rows else 8
+    print(f"| {'notebook':<{width}} | seconds | figures written |")
+    print(f"|{'-' * (width + 2)}|--------:|-----------------|")
+    for name, seconds, written in rows:
+        print(f"| {name:<{width}} | {seconds:7.1f} | {', '.join(written) or '-'} |")
+    for error in errors:
+        print(f"FAILED {error}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def info() -> int:
+    import torch
+
+    import psgd_lab
+
+    print(f"psgd_lab {psgd_lab.__version__}")
+    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    print(f"python {platform.python_version()} on {platform.machine()}")
+    print(f"geometries: {', '.join(psgd_lab.GEOMETRIES)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="psgd-lab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    rep = sub.add_parser("reproduce", help="execute every notebook and regenerate figures/")
+    rep.add_argument("notebooks", nargs="*", type=Path, help="default: notebooks/*.ipynb")
+    sub.add_parser("info", help="versions and available geometries")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        return info()
+    notebooks = args.notebooks or sorted((ROOT / "notebooks").glob("*.ipynb"))
+    if not notebooks:
+        print("no notebooks found under notebooks/", file=sys.stderr)
+        return 1
+    figures = Path(os.environ.get("PSGD_LAB_FIGURES", ROOT / "figures"))
+    return reproduce(notebooks, figures)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

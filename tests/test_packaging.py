@@ -1,0 +1,45 @@
+"""environment.yml and pyproject.toml describe the same environment."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import tomllib
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _name(req: str) -> str:
+    return re.split(r"[<>=!~ \[]", req.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def _pyproject() -> dict[str, str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = list(project["dependencies"])
+    for extra in ("lab", "test"):
+        reqs += project["optional-dependencies"][extra]
+    return {_name(r): r.replace(" ", "") for r in reqs}
+
+
+def _environment() -> dict[str, str]:
+    lines = (ROOT / "environment.yml").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == "- pip:")
+    pins = [
+        line.strip()[2:].strip() for line in lines[start + 1 :] if line.strip().startswith("- ")
+    ]
+    return {_name(p): p.replace(" ", "") for p in pins if not p.startswith("-e")}
+
+
+def test_environment_yml_matches_pyproject():
+    env, proj = _environment(), _pyproject()
+    assert set(env) == set(proj)
+    for name, req in proj.items():
+        if name == "torch":  # the environment pins the CPU build the README installs first
+            assert env[name] == "torch==2.13.0" and req == "torch>=2.4"
+        else:
+            assert env[name] == req, name
+
+
+def test_environment_yml_installs_the_package_itself():
+    assert "- -e ." in (ROOT / "environment.yml").read_text()
