@@ -43,3 +43,11 @@ def test_environment_yml_matches_pyproject():
 
 def test_environment_yml_installs_the_package_itself():
     assert "- -e ." in (ROOT / "environment.yml").read_text()
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    readme = (ROOT / "README.md").read_text()
+    commands = [line for line in readme.splitlines() if line.startswith("python3 -m venv .venv")]
+    assert len(commands) == 2, "the README gives exactly two set-up-and-run commands"
+    assert "psgd-lab reproduce" in commands[0] and "--nbval" in commands[1]
+    assert commands[1] in (ROOT / ".ci" / "run").read_text()
