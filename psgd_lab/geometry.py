@@ -88,8 +88,10 @@ def _step(ell: Tensor, L_i: Tensor, lr: float, lipschitz: str, beta_L: float) ->
     return lr / L_i.clamp(min=torch.finfo(L_i.dtype).tiny)
 
 
-def _scale(s: Tensor, q: Tensor) -> Tensor:
-    return s.to(q.real.dtype)
+def _lr_over_L(T1, T2, L_i, q, lr, lipschitz, beta_L, norm_bound, generator) -> Tensor:
+    """``lr / L_i`` after updating ``L_i`` from this pair's ``ℓ``, in ``q``'s real dtype."""
+    ell = _ell(T1, T2, norm_bound, generator)
+    return _step(ell, L_i, lr, lipschitz, beta_L).to(q.real.dtype)
 
 
 def _grams(Q, v, h, plan, fits_p: bool):
@@ -125,7 +127,7 @@ def update_eq(Q, L, v, h, plan, *, lr, lipschitz="kron", beta_L=0.9, norm_bound=
     B = solve_qh(Q, v)
     for i, q in enumerate(Q):
         T1, T2 = gram(i, A, A, plan), gram(i, B, B, plan)
-        s = _scale(_step(_ell(T1, T2, norm_bound, generator), L[i], lr, lipschitz, beta_L), q)
+        s = _lr_over_L(T1, T2, L[i], q, lr, lipschitz, beta_L, norm_bound, generator)
         if q.dim() == 2:
             q.sub_(s * torch.triu(T1 - T2) @ q)
         else:
@@ -134,10 +136,15 @@ def update_eq(Q, L, v, h, plan, *, lr, lipschitz="kron", beta_L=0.9, norm_bound=
 
 def update_qeq(Q, L, v, h, plan, *, lr, lipschitz="kron", beta_L=0.9, norm_bound="power",
                generator=None) -> None:  # fmt: skip
-    """``dQ = Q E Q``: ``Q_i <- Q_i − lr/L_i · Q_i (T1 − T2)``, ``T1 = gram_i(Ph, Ph)``."""
+    """``dQ = Q E Q``: ``Q_i <- Q_i − lr/L_i · Q_i (T1 − T2)``, ``T1 = gram_i(Ph, Ph)``.
+
+    MATH.md writes the whitening case as ``Q_i T1 − T2 Q_i``; with ``v`` integrated out
+    ``T2 = c·I`` and the two agree. With an explicit ``v`` we keep ``Q_i (T1 − T2)``, the form
+    whose generator ``T1 − T2`` is Hermitian, whichever mode produced the pair.
+    """
     for i, T1, T2 in _grams(Q, v, h, plan, fits_p=False):
         q = Q[i]
-        s = _scale(_step(_ell(T1, T2, norm_bound, generator), L[i], lr, lipschitz, beta_L), q)
+        s = _lr_over_L(T1, T2, L[i], q, lr, lipschitz, beta_L, norm_bound, generator)
         E = _minus(T1, T2)
         q.sub_(s * (q @ E if q.dim() == 2 else q * E))
 
@@ -147,7 +154,7 @@ def _update_eq_then_procrustes(Q, L, v, h, plan, *, fits_p, lr, lipschitz, beta_
     """``Q_i <- Q_i − lr/L_i · (T1 − T2) Q_i``, then Procrustes (once, or to convergence for P)."""
     for i, T1, T2 in _grams(Q, v, h, plan, fits_p=fits_p):
         q = Q[i]
-        s = _scale(_step(_ell(T1, T2, norm_bound, generator), L[i], lr, lipschitz, beta_L), q)
+        s = _lr_over_L(T1, T2, L[i], q, lr, lipschitz, beta_L, norm_bound, generator)
         E = _minus(T1, T2)
         if q.dim() == 2:
             q.sub_(s * E @ q)
@@ -178,7 +185,7 @@ def _update_quadratic(Q, L, v, h, plan, *, fits_p, lr, lipschitz, beta_L, norm_b
     half = 1.0 if fits_p else 0.5
     for i, T1, T2 in _grams(Q, v, h, plan, fits_p=fits_p):
         q = Q[i]
-        s = _scale(_step(_ell(T1, T2, norm_bound, generator), L[i], lr, lipschitz, beta_L), q)
+        s = _lr_over_L(T1, T2, L[i], q, lr, lipschitz, beta_L, norm_bound, generator)
         E = (half * s) * _minus(T1, T2)
         if q.dim() == 2:
             p = q - E @ q
@@ -217,7 +224,7 @@ def update_qep(Q, L, v, h, plan, *, lr, lipschitz="kron", beta_L=0.9, norm_bound
             T2 = _c(plan, i) * (q @ q.mH)
         else:
             T2 = _c(plan, i) * (q * q.conj())
-        s = _scale(_step(_ell(T1, T2, norm_bound, generator), L[i], lr, lipschitz, beta_L), q)
+        s = _lr_over_L(T1, T2, L[i], q, lr, lipschitz, beta_L, norm_bound, generator)
         E = T1 - T2
         q.sub_(s * (E @ q if q.dim() == 2 else E * q))
 
