@@ -1,0 +1,47 @@
+"""``psgd-lab reproduce`` runs notebooks, reports figures, and names the failing cell."""
+
+from __future__ import annotations
+
+import nbformat
+import pytest
+
+from psgd_lab import cli
+
+
+def _notebook(path, *sources):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(s) for s in sources]
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    nbformat.write(nb, path)
+    return path
+
+
+def test_reproduce_reports_figures_and_names_the_failing_cell(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PSGD_LAB_FIGURES", str(tmp_path / "figs"))
+    good = _notebook(
+        tmp_path / "good.ipynb",
+        "import os, pathlib",
+        "d = pathlib.Path(os.environ['PSGD_LAB_FIGURES']); d.mkdir(exist_ok=True)\n"
+        "(d / 'fig.png').write_bytes(b'x')",
+    )
+    bad = _notebook(tmp_path / "bad.ipynb", "x = 1", "raise RuntimeError('boom')")
+    assert cli.main(["reproduce", str(good), str(bad)]) == 1
+    out, err = capsys.readouterr()
+    assert "| good.ipynb |" in out and "fig.png" in out
+    assert "FAILED bad.ipynb: cell 1 failed" in err and "boom" in err
+    # outputs are stored, so nbval can compare them
+    assert nbformat.read(good, as_version=4).cells[1].execution_count == 2
+
+
+def test_info(capsys):
+    assert cli.main(["info"]) == 0
+    assert "geometries: EQ, QEQ" in capsys.readouterr().out
+
+
+def test_unknown_command():
+    with pytest.raises(SystemExit):
+        cli.main(["bench"])
