@@ -51,3 +51,11 @@ def test_ci_runs_the_readme_test_command_verbatim():
     assert len(commands) == 2, "the README gives exactly two set-up-and-run commands"
     assert "psgd-lab reproduce" in commands[0] and "--nbval" in commands[1]
     assert commands[1] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_example_runs_and_fits(capsys):
+    code = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    exec(compile(code, "README.md", "exec"), {})
+    dist, diag = capsys.readouterr().out.splitlines()
+    assert float(re.search(r"tensor\(([^,]+),", dist).group(1)) < 1e-10
+    assert diag == "(True, False)"
