@@ -1,21 +1,29 @@
 """psgd_lab: PSGD Kron preconditioner primitives, a drop-in ``Kron`` optimiser, and a lab.
 
-Public API: ``KronPreconditioner``, ``GEOMETRIES`` and the primitive modules ``structure``,
-``factors``, ``linalg``, ``geometry``, ``pairs``.
+Public API: ``Kron`` (the optimiser), ``precond_update_prob_schedule``, ``KronPreconditioner``,
+``GEOMETRIES`` and the primitive modules ``structure``, ``factors``, ``linalg``, ``geometry``,
+``pairs``, ``schedules``.
 """
 
-from . import factors, geometry, linalg, pairs, structure
+from . import factors, geometry, linalg, pairs, schedules, structure
 from .geometry import GEOMETRIES
+from .optim import Kron, ParamInfo
 from .preconditioner import KronPreconditioner
+from .schedules import UpdateProbSchedule, precond_update_prob_schedule
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GEOMETRIES",
+    "Kron",
     "KronPreconditioner",
+    "ParamInfo",
+    "UpdateProbSchedule",
     "factors",
     "geometry",
     "linalg",
     "pairs",
+    "precond_update_prob_schedule",
+    "schedules",
     "structure",
 ]

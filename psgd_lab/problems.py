@@ -1,4 +1,9 @@
-"""Synthetic problems with known answers: Kronecker-structured SPD Hessians (MATH.md §6)."""
+"""Problems with known answers for tests and notebooks.
+
+- Kronecker-structured SPD Hessians (MATH.md §6): ``kron_problem``, ``hvp``, ``fit_error``;
+- an ill-conditioned Kronecker quadratic: ``kron_quadratic``;
+- a small real task: sklearn's bundled digits (``digits``) and an MLP for it (``mlp``).
+"""
 
 from __future__ import annotations
 
@@ -53,3 +58,47 @@ def fit_error(P: torch.Tensor, H: torch.Tensor) -> float:
     n = H.shape[0]
     eye = torch.eye(n, dtype=H.dtype)
     return (torch.linalg.matrix_norm(P @ H - eye) / math.sqrt(n)).item()
+
+
+def kron_quadratic(n: int = 16, cond: float = 1e4, seed: int = 0):
+    """``(loss_fn, X0)``: ``f(X) = ½ tr(Xᵀ H_1 X H_2)`` on ``n x n`` matrices, Hessian
+    ``H_1 ⊗ H_2`` with random eigenvectors and condition number ``cond`` (float64 maths)."""
+    gen = torch.Generator().manual_seed(seed)
+    root = math.sqrt(cond)
+    H1, H2 = random_spd(n, gen, cond=root), random_spd(n, gen, cond=root)
+    X0 = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    scale = 1.0 / cond  # eigenvalues of the Hessian in [1/cond, 1]
+
+    def loss_fn(X: torch.Tensor) -> torch.Tensor:
+        X = X.double()
+        return 0.5 * scale * torch.sum(X * (H1 @ X @ H2))
+
+    return loss_fn, X0
+
+
+def digits(seed: int = 0, test_fraction: float = 0.25):
+    """sklearn's bundled 8x8 digits (1797 images, no download): standardised float32
+    ``(X_train, y_train, X_test, y_test)``, split at random by ``seed``."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    X = torch.tensor(data.data, dtype=torch.float32)
+    y = torch.tensor(data.target, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_test = int(round(test_fraction * len(y)))
+    test, train = perm[:n_test], perm[n_test:]
+    mean, std = X[train].mean(0), X[train].std(0).clamp(min=1e-3)
+    X = (X - mean) / std
+    return X[train], y[train], X[test], y[test]
+
+
+def mlp(sizes=(64, 64, 10), seed: int = 0) -> torch.nn.Module:
+    """A tanh MLP with the given layer sizes, initialised from ``seed`` (global RNG untouched)."""
+    layers: list[torch.nn.Module] = []
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(torch.nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(torch.nn.Tanh())
+    return torch.nn.Sequential(*layers)

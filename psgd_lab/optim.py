@@ -1,0 +1,648 @@
+"""``Kron``: PSGD Kron as a ``torch.optim.Optimizer`` (MATH.md §5), a drop-in for kron-torch's.
+
+The optimiser is the only place that knows about ``param_groups`` and ``state``; one step reads:
+
+1. decide, per group, whether to update the preconditioner (``schedules``, a counter);
+2. Newton mode only: ``Hv`` from the closure (``pairs``);
+3. per parameter: momentum ``m`` and ``m̂ = m / (1 − b1ᵗ)``; the pair ``(v, h)``; one fitting
+   step of the group's ``geometry`` on ``Q`` (``geometry.update``); ``u = P m̂``
+   (``factors.apply_p``); RMS clip at 1.1; weight decay on ``ndim ≥ 2``; ``θ ← θ − lr·u``.
+
+Defaults reproduce kron-torch 0.3.3 step for step (EQ, kron-torch normalisation, the same
+schedule, the same balancing decisions). Keyword-only arguments go beyond it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from itertools import chain
+
+import torch
+from torch import Tensor
+
+from . import factors
+from . import geometry as geo
+from .pairs import HVP_METHODS, damp, hvp_autograd, hvp_finite_difference, randn_like
+from .schedules import UpdateProbSchedule, precond_update_prob_schedule
+from .structure import KronPlan, check_memory_save_mode, diag_dims, make_plan, merged_shape
+
+MODES = ("whiten", "newton")
+NONFINITE = ("skip", "raise")
+STATE_FORMAT = 1
+_SQRT_EPS = torch.finfo(torch.float32).eps ** 0.5  # kron-torch's relative damping of h
+_EXTRA = "psgd_lab"  # the key of the optimiser-wide state in state_dict()
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """What ``Kron`` keeps for one parameter (see ``Kron.describe``)."""
+
+    group: int
+    index: int
+    shape: tuple[int, ...]
+    factor_shape: tuple[int, ...]
+    diag: tuple[bool, ...]
+    factor_shapes: tuple[tuple[int, ...], ...]
+    momentum_bytes: int
+    precond_bytes: int
+
+
+class Kron(torch.optim.Optimizer):
+    """PSGD Kron (X.-L. Li): momentum preconditioned by a Kronecker-factored ``P = QᴴQ``.
+
+    The positional arguments are kron-torch's, with its defaults:
+
+    Args:
+        params: parameters or parameter groups; every argument below except ``mode``, ``hvp``,
+            ``seed`` and ``nonfinite`` may be set per group.
+        lr: learning rate (about 3x smaller than Adam's works well).
+        b1: momentum factor, in [0, 1).
+        weight_decay: decoupled weight decay, applied to parameters with ``ndim >= 2`` only.
+        preconditioner_update_probability: a float in (0, 1], a callable ``n -> prob`` (``n``
+            counts ``step()`` calls), or ``None`` for ``precond_update_prob_schedule()``.
+        max_size_triangular, min_ndim_triangular, memory_save_mode: which dims get diagonal
+            factors (MATH.md §4).
+        momentum_into_precond_update: fit ``P`` on the debiased momentum (True) or the gradient.
+        precond_lr: the preconditioner's step size.
+        precond_init_scale: ``Q = scale · I`` at start; ``None`` picks the data-driven scale of
+            MATH.md §4 at the first preconditioner update.
+        merge_dims: precondition ``ndim > 2`` tensors as kron-torch's 2-D merged shape.
+        mu_dtype: dtype of the momentum (default: the parameter's).
+        precond_dtype: dtype of ``Q`` and of the preconditioning maths (default float32).
+
+    Keyword-only, beyond kron-torch (defaults keep its behaviour):
+
+    Args:
+        geometry: the Lie-group update rule, one of ``psgd_lab.GEOMETRIES``.
+        mode: ``"whiten"`` fits ``P`` to the gradients (kron-torch); ``"newton"`` fits it to
+            Hessian-vector products: ``step(closure)`` is required, and the closure must return
+            the loss without calling ``backward()`` (the optimiser differentiates it).
+        hvp: Newton mode's ``Hv``: ``"autograd"`` (exact; one double backward, about 2x a
+            backward, only on steps that update ``P``) or ``"finite_difference"`` (one extra
+            forward and backward at ``θ + δv``, ``δ = sqrt(eps)``; no second derivatives).
+        max_skew: a dim of size ``d`` becomes diagonal when ``d² > max_skew · numel``.
+        damping: ``None`` adds kron-torch's ``sqrt(eps_f32)·mean|h|·v`` to ``h``; a float ``λ``
+            adds independent noise ``(λ + eps|h|)·n`` instead (the newer reference). Bounds
+            ``P`` from above by about ``1/λ``.
+        lipschitz: step normalisation: ``"kron"`` (``L = ℓ``, kron-torch) or ``"ema"``.
+        beta_L: the EMA factor of ``lipschitz="ema"``.
+        seed: seeds the optimiser's own generators (``v`` draws and balancing); the global RNG is
+            never touched. ``42`` reproduces kron-torch's balancing decisions.
+        nonfinite: ``"skip"`` leaves a parameter, its momentum and its preconditioner untouched
+            on a step whose gradient (or ``Hv``) has a NaN/Inf, counts it and warns once;
+            ``"raise"`` raises ``FloatingPointError``. The check costs one host sync per step.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 0.0003,
+        b1: float = 0.9,
+        weight_decay: float = 0.0,
+        preconditioner_update_probability: float | Callable | None = None,
+        max_size_triangular: int = 8192,
+        min_ndim_triangular: int = 2,
+        memory_save_mode: str | None = None,
+        momentum_into_precond_update: bool = True,
+        precond_lr: float = 0.1,
+        precond_init_scale: float | None = 1.0,
+        merge_dims: bool = True,
+        mu_dtype: torch.dtype | None = None,
+        precond_dtype: torch.dtype | None = None,
+        *,
+        geometry: str = "EQ",
+        mode: str = "whiten",
+        hvp: str = "autograd",
+        max_skew: float = math.inf,
+        damping: float | None = None,
+        lipschitz: str = "kron",
+        beta_L: float = 0.9,
+        seed: int = 42,
+        nonfinite: str = "skip",
+    ):
+        if preconditioner_update_probability is None:
+            preconditioner_update_probability = precond_update_prob_schedule()
+        _check_choice("mode", mode, MODES)
+        _check_choice("hvp", hvp, HVP_METHODS)
+        _check_choice("nonfinite", nonfinite, NONFINITE)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int; got {seed!r}")
+        defaults = dict(
+            lr=lr,
+            b1=b1,
+            weight_decay=weight_decay,
+            preconditioner_update_probability=preconditioner_update_probability,
+            max_size_triangular=max_size_triangular,
+            min_ndim_triangular=min_ndim_triangular,
+            memory_save_mode=memory_save_mode,
+            momentum_into_precond_update=momentum_into_precond_update,
+            precond_lr=precond_lr,
+            precond_init_scale=precond_init_scale,
+            merge_dims=merge_dims,
+            mu_dtype=mu_dtype,
+            precond_dtype=precond_dtype,
+            geometry=geometry,
+            max_skew=max_skew,
+            damping=damping,
+            lipschitz=lipschitz,
+            beta_L=beta_L,
+        )
+        _check_group(defaults)
+        self.mode = mode
+        self.hvp = hvp
+        self.seed = seed
+        self.nonfinite = nonfinite
+        self._counters: list[int] = []
+        super().__init__(params, defaults)
+        self._prob_step = 0  # step() calls so far: the schedule's n
+        self._rng = random.Random(seed)  # balancing decisions, as kron-torch's Random(42)
+        self._generator: torch.Generator | None = None  # v draws; made on the params' device
+        self._generator_state: Tensor | None = None
+        self.nonfinite_count = 0  # parameter-steps skipped for a non-finite gradient
+        self._warned_nonfinite = False
+        self._plans: dict[int, tuple[tuple[int, ...], KronPlan]] = {}
+
+    # ------------------------------------------------------------------ groups
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _check_group(group)
+            for p in group["params"]:
+                if not (p.is_floating_point() or p.is_complex()):
+                    raise ValueError(
+                        f"Kron optimises floating-point or complex tensors; got {p.dtype}"
+                    )
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        self._counters.append(0)
+
+    # ------------------------------------------------------------------ structure
+    def _structure(self, p: Tensor, group: dict) -> tuple[tuple[int, ...], KronPlan]:
+        """``(factor_shape, plan)`` for ``p`` under ``group``'s settings (cached per parameter)."""
+        key = (
+            tuple(p.shape),
+            group["merge_dims"],
+            group["max_size_triangular"],
+            group["min_ndim_triangular"],
+            group["memory_save_mode"],
+            group["max_skew"],
+        )
+        cached = self._plans.get(id(p))
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        shape = tuple(p.shape)
+        fshape = merged_shape(shape) if group["merge_dims"] and len(shape) > 2 else shape
+        diag = diag_dims(
+            fshape,
+            group["max_size_triangular"],
+            group["min_ndim_triangular"],
+            group["memory_save_mode"],
+            group["max_skew"],
+        )
+        out = (fshape, make_plan(fshape, diag))
+        self._plans[id(p)] = (key, out)
+        return out
+
+    def describe(self) -> list[ParamInfo]:
+        """Per parameter: its factor shapes, which dims are diagonal, and the bytes of momentum
+        and preconditioner (what kron-torch prints on its first step). Valid before any step."""
+        out = []
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                fshape, plan = self._structure(p, group)
+                mu = group["mu_dtype"] or p.dtype
+                pd = _precond_dtype(group)
+                shapes = tuple(tuple(s) for s in plan.factor_shapes())
+                out.append(
+                    ParamInfo(
+                        group=gi,
+                        index=pi,
+                        shape=tuple(p.shape),
+                        factor_shape=fshape,
+                        diag=plan.diag,
+                        factor_shapes=shapes,
+                        momentum_bytes=p.numel() * _itemsize(mu),
+                        precond_bytes=sum(math.prod(s) for s in shapes) * _itemsize(pd),
+                    )
+                )
+        return out
+
+    # ------------------------------------------------------------------ randomness
+    def _gen(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            if self._generator_state is not None:
+                self._generator.set_state(self._generator_state)
+            else:
+                self._generator.manual_seed(self.seed)
+        return self._generator
+
+    # ------------------------------------------------------------------ the step
+    @torch.compiler.disable  # a compiled training step calls it eagerly (see README)
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        """One optimisation step. ``closure`` re-evaluates the model and returns the loss (it
+        must call ``backward()`` in whitening mode, and must not in Newton mode).
+
+        Under ``torch.compile`` the step runs eagerly: opt_einsum's contraction planning and the
+        host-side schedule do not trace, and the CPU compiler gains nothing on these small matrix
+        products (issue 6 measures it)."""
+        n = self._prob_step
+        updates = [self._decide(gi, group, n) for gi, group in enumerate(self.param_groups)]
+        self._prob_step += 1
+        balance = self._rng.random() < 0.01  # drawn every step, as kron-torch does
+
+        items = [
+            (p, group, upd)
+            for group, upd in zip(self.param_groups, updates)
+            for p in group["params"]
+            if p.numel() > 0 and (p.grad is not None or self.mode == "newton")
+        ]
+        if self.mode == "newton":
+            loss, hvs = self._newton(closure, items)
+        else:
+            loss = _call_closure(closure)
+            hvs = {}
+        items = [it for it in items if it[0].grad is not None]
+        for p, _, _ in items:
+            if p.grad.is_sparse:
+                raise RuntimeError("Kron does not support sparse gradients; use dense gradients")
+        finite = self._finite(items, hvs)
+
+        for (p, group, do_update), ok in zip(items, finite):
+            if not ok:
+                continue
+            state = self.state[p]
+            fshape, plan = self._structure(p, group)
+            if len(state) == 0:
+                self._init_state(p, group, plan, state)
+            state["step"] += 1
+            self._step_param(p, group, plan, fshape, state, do_update, balance, hvs.get(p))
+        return loss
+
+    def _decide(self, gi: int, group: dict, n: int) -> bool:
+        """The group's deterministic update decision: counter ``>= 1/prob(n)`` (MATH.md §5)."""
+        prob = group["preconditioner_update_probability"]
+        if callable(prob):
+            prob = prob(n)
+        prob = float(prob)
+        if not 0 < prob <= 1:
+            raise ValueError(
+                f"preconditioner_update_probability must be in (0, 1]; the schedule gave {prob!r} "
+                f"at step {n}"
+            )
+        self._counters[gi] += 1
+        if self._counters[gi] >= 1 / prob:
+            self._counters[gi] = 0
+            return True
+        return False
+
+    def _init_state(self, p: Tensor, group: dict, plan: KronPlan, state: dict) -> None:
+        pd = _precond_dtype(group)
+        scale = group["precond_init_scale"]
+        if group["geometry"] in geo.FITS_P and scale is not None:
+            scale = scale * scale
+        state["step"] = 0
+        state["momentum_buffer"] = torch.zeros_like(p, dtype=group["mu_dtype"] or p.dtype)
+        state["Q"] = factors.init_factors(plan, 1.0 if scale is None else scale, pd, p.device)
+        real = torch.promote_types(torch.empty((), dtype=pd).real.dtype, torch.float32)
+        state["L"] = [torch.zeros((), dtype=real, device=p.device) for _ in state["Q"]]
+        state["initialised"] = scale is not None
+
+    def _step_param(self, p, group, plan, fshape, state, do_update, balance, hv) -> None:
+        b1 = group["b1"]
+        pd = _precond_dtype(group)
+        grad = p.grad
+        m = state["momentum_buffer"]
+        m.mul_(b1).add_(grad, alpha=1 - b1)  # MATH.md §5.1
+        m_hat = (m / (1 - b1 ** state["step"])).to(dtype=pd).reshape(fshape)
+        Q = state["Q"]
+        if do_update:
+            if balance and len(fshape) > 1:
+                factors.balance(Q)
+            if hv is None:
+                h = m_hat if group["momentum_into_precond_update"] else grad.to(pd).reshape(fshape)
+                self._fit(group, plan, state, None, h)
+            else:
+                v, h = hv
+                self._fit(group, plan, state, v.to(pd).reshape(fshape), h.to(pd).reshape(fshape))
+        u = factors.apply_q(Q, m_hat, plan) if group["geometry"] in geo.FITS_P else None
+        if u is None:
+            u = factors.apply_p(Q, m_hat, plan)  # MATH.md §5.4: u = P m̂
+        sq = u.abs().square() if u.is_complex() else u.square()
+        u.mul_(torch.minimum(torch.ones((), dtype=sq.dtype, device=u.device),
+                             1.1 / sq.mean().sqrt().add(1e-12)))  # fmt: skip
+        u = u.reshape(p.shape)
+        if group["weight_decay"] != 0 and p.dim() >= 2:
+            u.add_(p, alpha=group["weight_decay"])
+        p.add_(u.to(dtype=p.dtype), alpha=-group["lr"])
+
+    def _fit(self, group: dict, plan: KronPlan, state: dict, v: Tensor | None, h: Tensor) -> None:
+        """One step of the group's geometry on ``Q``; ``v is None`` means whitening."""
+        gen = self._gen(h.device)
+        Q, L = state["Q"], state["L"]
+        if v is None:  # whitening: v ~ N(0, I), integrated out by rules that allow it
+            v = randn_like(h, gen)
+            v_rule = v if group["geometry"] in geo.NEEDS_V else None
+            newton = False
+        else:
+            v_rule, newton = v, True
+        if group["damping"] is None:  # kron-torch: h + sqrt(eps)·mean|h|·v, v shared
+            h = h + _SQRT_EPS * h.abs().mean() * v
+        else:
+            h = damp(h, group["damping"], gen)
+        if not state["initialised"]:
+            s = factors.data_init_scale(h, v if newton else None, group["damping"] or 0.0)
+            if group["geometry"] in geo.FITS_P:
+                s = s * s
+            s = s.pow(1.0 / max(len(Q), 1))
+            for q in Q:
+                q.mul_(s.to(q.real.dtype))
+            state["initialised"] = True
+        old = [q.clone() for q in Q] + [x.clone() for x in L]
+        geo.update(
+            group["geometry"],
+            Q,
+            L,
+            v_rule,
+            h,
+            plan,
+            lr=group["precond_lr"],
+            lipschitz=group["lipschitz"],
+            beta_L=group["beta_L"],
+            generator=gen,
+        )
+        # a step that would make Q non-finite is undone, without a host sync
+        ok = torch.stack([torch.isfinite(x).all() for x in chain(Q, L)]).all()
+        for x, x0 in zip(chain(Q, L), old):
+            x.copy_(torch.where(ok, x, x0))
+
+    # ------------------------------------------------------------------ non-finite gradients
+    def _finite(self, items: list, hvs: dict) -> list[bool]:
+        """One flag per item: its gradient (and ``Hv``) is finite. One host sync for all."""
+        if not items:
+            return []
+        flags = []
+        for p, _, _ in items:
+            f = torch.isfinite(p.grad).all()
+            if p in hvs:
+                f = f & torch.isfinite(hvs[p][1]).all()
+            flags.append(f)
+        dev = flags[0].device
+        finite = torch.stack([f.to(dev, non_blocking=True) for f in flags]).tolist()
+        bad = len(finite) - sum(finite)
+        if bad:
+            if self.nonfinite == "raise":
+                names = [i for i, ok in enumerate(finite) if not ok]
+                raise FloatingPointError(
+                    f"non-finite gradient (NaN/Inf) for parameter(s) at positions {names} of this "
+                    f"step; pass nonfinite='skip' to skip such steps instead"
+                )
+            self.nonfinite_count += bad
+            if not self._warned_nonfinite:
+                warnings.warn(
+                    "Kron: a gradient had NaN/Inf values; that parameter's step was skipped "
+                    "(parameter, momentum and preconditioner untouched). Further skips are "
+                    "counted in optimizer.nonfinite_count without warning.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self._warned_nonfinite = True
+        return finite
+
+    # ------------------------------------------------------------------ Newton mode
+    def _newton(self, closure: Callable | None, items: list) -> tuple[Tensor, dict]:
+        """Loss, gradients (into ``p.grad``) and ``{p: (v, Hv)}`` for parameters whose group
+        updates ``P`` this step."""
+        if closure is None:
+            raise RuntimeError(
+                "Kron(mode='newton') needs step(closure): a closure that evaluates the model and "
+                "returns the loss (without calling backward())"
+            )
+        params = [p for p, _, _ in items if p.requires_grad]
+        upd = [p for p, _, do in items if do and p.requires_grad]
+        with torch.enable_grad():
+            loss = _call_closure(closure)
+            if not isinstance(loss, Tensor) or not loss.requires_grad:
+                raise TypeError(
+                    "in Newton mode the closure must return the loss as a tensor that requires "
+                    f"grad; got {type(loss).__name__}"
+                )
+            try:
+                grads = torch.autograd.grad(
+                    loss, params, create_graph=bool(upd) and self.hvp == "autograd",
+                    allow_unused=True,
+                )  # fmt: skip
+            except RuntimeError as e:
+                raise RuntimeError(
+                    "Kron(mode='newton') differentiates the closure's loss itself: the closure "
+                    f"must not call backward() ({e})"
+                ) from e
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+            hvs = {}
+            if upd:
+                vs = [randn_like(p, self._gen(p.device)) for p in upd]
+                by_p = dict(zip(params, grads))
+                if self.hvp == "autograd":
+                    hv = hvp_autograd([by_p[p] for p in upd], upd, vs)
+                else:
+
+                    def grad_fn():
+                        out = torch.autograd.grad(_call_closure(closure), upd, allow_unused=True)
+                        return [torch.zeros_like(p) if g is None else g for p, g in zip(upd, out)]
+
+                    hv = hvp_finite_difference(grad_fn, upd, vs, [by_p[p].detach() for p in upd])
+                hvs = {p: (v, x.detach()) for p, v, x in zip(upd, vs, hv)}
+        for p, g in zip(params, grads):
+            p.grad = g.detach()
+        return loss.detach(), hvs
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd[_EXTRA] = {
+            "format": STATE_FORMAT,
+            "prob_step": self._prob_step,
+            "update_counters": list(self._counters),
+            "rng": self._rng.getstate(),
+            "generator": None if self._generator is None else self._generator.get_state(),
+            "nonfinite_count": self.nonfinite_count,
+            "layout": [[tuple(p.shape) for p in g["params"]] for g in self.param_groups],
+            "seed": self.seed,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        extra = state_dict.get(_EXTRA)
+        if extra is None:
+            raise ValueError(
+                "this state dict was not saved by psgd_lab.Kron (no 'psgd_lab' entry); "
+                "a kron-torch state dict cannot be resumed exactly"
+            )
+        if extra.get("format") != STATE_FORMAT:
+            raise ValueError(f"unknown psgd_lab.Kron state format {extra.get('format')!r}")
+        here = [[tuple(p.shape) for p in g["params"]] for g in self.param_groups]
+        saved = [[tuple(s) for s in g] for g in extra["layout"]]
+        if saved != here:
+            raise ValueError(
+                "the state dict was saved for a different parameter layout: "
+                f"{_layout_diff(saved, here)}"
+            )
+        # torch casts floating state to the parameter's dtype on load; keep the saved dtypes
+        dtypes = {
+            k: {key: _dtypes(v) for key, v in s.items()} for k, s in state_dict["state"].items()
+        }
+        sd = {k: v for k, v in state_dict.items() if k != _EXTRA}
+        super().load_state_dict(sd)
+        ids = chain.from_iterable(g["params"] for g in sd["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for k, p in zip(ids, params):
+            if k in dtypes:
+                st = self.state[p]
+                for key, dt in dtypes[k].items():
+                    st[key] = _recast(st[key], dt)
+                self._check_loaded(p, st)
+        self._prob_step = int(extra["prob_step"])
+        self._counters = [int(c) for c in extra["update_counters"]]
+        self._rng.setstate(_as_rng_state(extra["rng"]))
+        self._generator = None
+        self._generator_state = extra["generator"]
+        self.nonfinite_count = int(extra["nonfinite_count"])
+        self.seed = int(extra["seed"])
+
+    def _check_loaded(self, p: Tensor, st: dict) -> None:
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        mu = group["mu_dtype"] or p.dtype
+        if st["momentum_buffer"].dtype != mu:
+            raise ValueError(
+                f"checkpoint momentum is {st['momentum_buffer'].dtype} but this parameter "
+                f"({tuple(p.shape)}, {p.dtype}, mu_dtype={group['mu_dtype']}) needs {mu}: "
+                "load it into parameters of the dtype it was saved with"
+            )
+        pd = _precond_dtype(group)
+        _, plan = self._structure(p, group)
+        shapes = [tuple(q.shape) for q in st["Q"]]
+        if shapes != [tuple(s) for s in plan.factor_shapes()] or any(
+            q.dtype != pd for q in st["Q"]
+        ):
+            raise ValueError(
+                f"checkpoint factors {shapes} ({st['Q'][0].dtype}) do not match this parameter's "
+                f"structure {plan.factor_shapes()} ({pd})"
+            )
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _call_closure(closure: Callable | None):
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        loss = closure()
+    if loss is None:
+        raise TypeError("the closure passed to Kron.step must return the loss; it returned None")
+    return loss
+
+
+def _check_choice(name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(
+            f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}"
+        )
+
+
+def _number(name: str, value, lo: float, hi: float, lo_open=False, hi_open=False) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ValueError(f"{name} must be a number in {interval}; got {value!r}")
+
+
+def _check_group(g: dict) -> None:
+    """Validate one group's hyperparameters; ``ValueError`` naming the argument."""
+    _number("lr", g["lr"], 0, math.inf)
+    _number("b1", g["b1"], 0, 1, hi_open=True)
+    _number("weight_decay", g["weight_decay"], 0, math.inf)
+    prob = g["preconditioner_update_probability"]
+    if not callable(prob):
+        _number("preconditioner_update_probability", prob, 0, 1, lo_open=True)
+    _number("max_size_triangular", g["max_size_triangular"], 0, math.inf)
+    mnt = g["min_ndim_triangular"]
+    if isinstance(mnt, bool) or not isinstance(mnt, int) or mnt < 0:
+        raise ValueError(f"min_ndim_triangular must be an int >= 0; got {mnt!r}")
+    check_memory_save_mode(g["memory_save_mode"])
+    for name in ("momentum_into_precond_update", "merge_dims"):
+        if not isinstance(g[name], bool):
+            raise ValueError(f"{name} must be True or False; got {g[name]!r}")
+    _number("precond_lr", g["precond_lr"], 0, math.inf, lo_open=True)
+    if g["precond_init_scale"] is not None:
+        scale = g["precond_init_scale"]
+        _number("precond_init_scale", scale, 0, math.inf, lo_open=True, hi_open=True)
+    kinds = {"mu_dtype": "floating-point", "precond_dtype": "floating-point or complex"}
+    for name, kind in kinds.items():
+        dt = g[name]
+        ok = dt is None or (
+            isinstance(dt, torch.dtype)
+            and (dt.is_floating_point or (dt.is_complex and name == "precond_dtype"))
+        )
+        if not ok:
+            raise ValueError(f"{name} must be None or a {kind} torch.dtype; got {dt!r}")
+    geo.check_geometry(g["geometry"])
+    _number("max_skew", g["max_skew"], 0, math.inf, lo_open=True)
+    if g["damping"] is not None:
+        _number("damping", g["damping"], 0, math.inf, hi_open=True)
+    geo.check_lipschitz(g["lipschitz"])
+    _number("beta_L", g["beta_L"], 0, 1, hi_open=True)
+
+
+def _precond_dtype(group: dict) -> torch.dtype:
+    return group["precond_dtype"] or torch.float32
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _dtypes(value):
+    if isinstance(value, Tensor):
+        return value.dtype
+    if isinstance(value, (list, tuple)):
+        return [_dtypes(v) for v in value]
+    return None
+
+
+def _recast(value, dtype):
+    if isinstance(value, Tensor):
+        return value.to(dtype)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_recast(v, d) for v, d in zip(value, dtype))
+    return value
+
+
+def _as_rng_state(state):
+    """``random.Random.setstate`` wants tuples; a checkpoint round trip may give lists."""
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
+def _layout_diff(saved: list, here: list) -> str:
+    if len(saved) != len(here):
+        return f"{len(saved)} parameter groups saved, {len(here)} here"
+    for gi, (a, b) in enumerate(zip(saved, here)):
+        if len(a) != len(b):
+            return f"group {gi} has {len(a)} parameters saved, {len(b)} here"
+        for pi, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return f"group {gi} parameter {pi} has shape {x} saved, {y} here"
+    return "unknown difference"
+
+
+__all__ = ["Kron", "ParamInfo", "UpdateProbSchedule", "precond_update_prob_schedule"]
