@@ -1,4 +1,5 @@
-"""``psgd-lab reproduce | info``: run the notebooks headless and regenerate ``figures/``."""
+"""``psgd-lab reproduce | bench | info``: run the notebooks headless and regenerate ``figures/``;
+time the optimisers side by side; print versions."""
 
 from __future__ import annotations
 
@@ -88,9 +89,23 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("reproduce", help="execute every notebook and regenerate figures/")
     rep.add_argument("notebooks", nargs="*", type=Path, help="default: notebooks/*.ipynb")
     sub.add_parser("info", help="versions and available geometries")
+    bench = sub.add_parser("bench", help="time AdamW, kron-torch, heavyball and psgd_lab.Kron")
+    bench.add_argument(
+        "--sets", nargs="*", choices=["mlp", "transformer", "conv"], help="default: all three"
+    )
+    bench.add_argument("--shapes", help="your own parameter set, e.g. '1024x1024,1024'")
+    bench.add_argument("--probs", nargs="*", type=float, default=[1.0, 0.03],
+                       help="preconditioner update probabilities (default: 1.0 0.03)")  # fmt: skip
+    bench.add_argument("--repeats", type=int, default=9, help="timed steps per optimiser")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    bench.add_argument("--json", type=Path, help="also write the full report as JSON here")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
+    if args.command == "bench":
+        from . import bench as bench_mod
+
+        return bench_mod.main(args)
     notebooks = args.notebooks or sorted((ROOT / "notebooks").glob("*.ipynb"))
     if not notebooks:
         print("no notebooks found under notebooks/", file=sys.stderr)

@@ -110,6 +110,12 @@ def factor_p(q: Tensor, fits_p: bool = False) -> Tensor:
     return M if fits_p else M.mH @ M
 
 
+def factor_p_compact(q: Tensor) -> Tensor:
+    """``P_i = Q_iᴴ Q_i`` in the factor's own storage: ``(d, d)`` dense, ``(d,)`` or ``()`` as
+    ``|q|²``. ``apply_q`` with these factors applies ``P`` (each ``P_i`` is Hermitian)."""
+    return q.mH @ q if q.dim() == 2 else q.conj() * q
+
+
 def kron_matrix(factors: Sequence[Tensor]) -> Tensor:
     """Dense ``factors[0] ⊗ factors[1] ⊗ ...`` (row-major, matching ``X.reshape(-1)``)."""
     n = math.prod(f.shape[0] for f in factors)

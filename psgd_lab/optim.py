@@ -49,6 +49,7 @@ class ParamInfo:
     factor_shapes: tuple[tuple[int, ...], ...]
     momentum_bytes: int
     precond_bytes: int
+    cache_bytes: int  # the cached P_i (0 with precond_cache=False or for PRO4P/QUAD4P)
 
 
 class Kron(torch.optim.Optimizer):
@@ -92,6 +93,10 @@ class Kron(torch.optim.Optimizer):
         beta_L: the EMA factor of ``lipschitz="ema"``.
         seed: seeds the optimiser's own generators (``v`` draws and balancing); the global RNG is
             never touched. ``42`` reproduces kron-torch's balancing decisions.
+        precond_cache: keep ``P_i = Q_iᴴQ_i`` between preconditioner updates, so applying ``P``
+            costs two matrix products per dense factor instead of four; it doubles the
+            preconditioner's memory (``describe()`` reports it). Not saved in ``state_dict()``:
+            recomputed from ``Q``. ``False`` applies ``Qᴴ(Q m̂)`` directly.
         nonfinite: ``"skip"`` leaves a parameter, its momentum and its preconditioner untouched
             on a step whose gradient (or ``Hv``) has a NaN/Inf, counts it and warns once;
             ``"raise"`` raises ``FloatingPointError``. The check costs one host sync per step.
@@ -123,6 +128,7 @@ class Kron(torch.optim.Optimizer):
         beta_L: float = 0.9,
         seed: int = 42,
         nonfinite: str = "skip",
+        precond_cache: bool = True,
     ):
         if preconditioner_update_probability is None:
             preconditioner_update_probability = precond_update_prob_schedule()
@@ -131,6 +137,8 @@ class Kron(torch.optim.Optimizer):
         _check_choice("nonfinite", nonfinite, NONFINITE)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int; got {seed!r}")
+        if not isinstance(precond_cache, bool):
+            raise ValueError(f"precond_cache must be True or False; got {precond_cache!r}")
         defaults = dict(
             lr=lr,
             b1=b1,
@@ -156,7 +164,10 @@ class Kron(torch.optim.Optimizer):
         self.hvp = hvp
         self.seed = seed
         self.nonfinite = nonfinite
+        self.precond_cache = precond_cache
+        self._cache: dict[Tensor, list[Tensor]] = {}  # p -> P_i factors (not in state_dict)
         self._counters: list[int] = []
+        self._probs: list[float] = []  # each group's update probability this step
         super().__init__(params, defaults)
         self._prob_step = 0  # step() calls so far: the schedule's n
         self._rng = random.Random(seed)  # balancing decisions, as kron-torch's Random(42)
@@ -181,6 +192,7 @@ class Kron(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
         self._counters.append(0)
+        self._probs.append(1.0)
 
     # ------------------------------------------------------------------ structure
     def _structure(self, p: Tensor, group: dict) -> tuple[tuple[int, ...], KronPlan]:
@@ -229,6 +241,7 @@ class Kron(torch.optim.Optimizer):
                         factor_shapes=shapes,
                         momentum_bytes=p.numel() * _itemsize(mu),
                         precond_bytes=sum(math.prod(s) for s in shapes) * _itemsize(pd),
+                        cache_bytes=sum(x.nbytes for x in self._cache.get(p, ()) if x is not None),
                     )
                 )
         return out
@@ -259,8 +272,8 @@ class Kron(torch.optim.Optimizer):
         balance = self._rng.random() < 0.01  # drawn every step, as kron-torch does
 
         items = [
-            (p, group, upd)
-            for group, upd in zip(self.param_groups, updates)
+            (p, gi, group, upd)
+            for gi, (group, upd) in enumerate(zip(self.param_groups, updates))
             for p in group["params"]
             if p.numel() > 0 and (p.grad is not None or self.mode == "newton")
         ]
@@ -270,12 +283,12 @@ class Kron(torch.optim.Optimizer):
             loss = _call_closure(closure)
             hvs = {}
         items = [it for it in items if it[0].grad is not None]
-        for p, _, _ in items:
+        for p, *_ in items:
             if p.grad.is_sparse:
                 raise RuntimeError("Kron does not support sparse gradients; use dense gradients")
         finite = self._finite(items, hvs)
 
-        for (p, group, do_update), ok in zip(items, finite):
+        for (p, gi, group, do_update), ok in zip(items, finite):
             if not ok:
                 continue
             state = self.state[p]
@@ -283,7 +296,7 @@ class Kron(torch.optim.Optimizer):
             if len(state) == 0:
                 self._init_state(p, group, plan, state)
             state["step"] += 1
-            self._step_param(p, group, plan, fshape, state, do_update, balance, hvs.get(p))
+            self._step_param(p, gi, group, plan, fshape, state, do_update, balance, hvs.get(p))
         return loss
 
     def _decide(self, gi: int, group: dict, n: int) -> bool:
@@ -297,6 +310,7 @@ class Kron(torch.optim.Optimizer):
                 f"preconditioner_update_probability must be in (0, 1]; the schedule gave {prob!r} "
                 f"at step {n}"
             )
+        self._probs[gi] = prob
         self._counters[gi] += 1
         if self._counters[gi] >= 1 / prob:
             self._counters[gi] = 0
@@ -315,7 +329,7 @@ class Kron(torch.optim.Optimizer):
         state["L"] = [torch.zeros((), dtype=real, device=p.device) for _ in state["Q"]]
         state["initialised"] = scale is not None
 
-    def _step_param(self, p, group, plan, fshape, state, do_update, balance, hv) -> None:
+    def _step_param(self, p, gi, group, plan, fshape, state, do_update, balance, hv) -> None:
         b1 = group["b1"]
         pd = _precond_dtype(group)
         grad = p.grad
@@ -332,9 +346,7 @@ class Kron(torch.optim.Optimizer):
             else:
                 v, h = hv
                 self._fit(group, plan, state, v.to(pd).reshape(fshape), h.to(pd).reshape(fshape))
-        u = factors.apply_q(Q, m_hat, plan) if group["geometry"] in geo.FITS_P else None
-        if u is None:
-            u = factors.apply_p(Q, m_hat, plan)  # MATH.md §5.4: u = P m̂
+        u = self._precondition(p, gi, group, plan, Q, m_hat, changed=do_update)  # MATH.md §5.4
         sq = u.abs().square() if u.is_complex() else u.square()
         u.mul_(torch.minimum(torch.ones((), dtype=sq.dtype, device=u.device),
                              1.1 / sq.mean().sqrt().add(1e-12)))  # fmt: skip
@@ -342,6 +354,37 @@ class Kron(torch.optim.Optimizer):
         if group["weight_decay"] != 0 and p.dim() >= 2:
             u.add_(p, alpha=group["weight_decay"])
         p.add_(u.to(dtype=p.dtype), alpha=-group["lr"])
+
+    def _precondition(self, p, gi, group, plan, Q, m_hat, changed: bool) -> Tensor:
+        """``u = P m̂`` along every axis: from the cached ``P_i`` where it pays, else ``Q_iᴴ Q_i``.
+
+        Caching ``P_i`` costs one ``d_i³`` product after each update of ``Q`` and saves one
+        ``d_i · numel`` product on every step, so a dense factor is cached while
+        ``prob · d_i² ≤ numel`` (``prob``: this step's update probability). ``PRO4P``/``QUAD4P``
+        factors are factors of ``P`` already.
+        """
+        if group["geometry"] in geo.FITS_P:
+            return factors.apply_q(Q, m_hat, plan)
+        if not self.precond_cache:
+            return factors.apply_p(Q, m_hat, plan)
+        P = self._cache.setdefault(p, [None] * len(Q))
+        if changed:
+            P[:] = [None] * len(Q)
+        numel, prob = max(plan.numel, 1), self._probs[gi]
+        first, twice = [], []
+        for i, q in enumerate(Q):
+            if q.dim() < 2 or prob * q.shape[0] ** 2 <= numel:
+                if P[i] is None:
+                    P[i] = factors.factor_p_compact(q)
+                first.append(P[i])
+            else:
+                P[i] = None
+                first.append(q)
+                twice.append(i)
+        u = factors.apply_q(first, m_hat, plan)
+        for i in twice:
+            u = factors.apply_one(Q[i].mH, i, u, plan)
+        return u
 
     def _fit(self, group: dict, plan: KronPlan, state: dict, v: Tensor | None, h: Tensor) -> None:
         """One step of the group's geometry on ``Q``; ``v is None`` means whitening."""
@@ -389,7 +432,7 @@ class Kron(torch.optim.Optimizer):
         if not items:
             return []
         flags = []
-        for p, _, _ in items:
+        for p, *_ in items:
             f = torch.isfinite(p.grad).all()
             if p in hvs:
                 f = f & torch.isfinite(hvs[p][1]).all()
@@ -425,8 +468,8 @@ class Kron(torch.optim.Optimizer):
                 "Kron(mode='newton') needs step(closure): a closure that evaluates the model and "
                 "returns the loss (without calling backward())"
             )
-        params = [p for p, _, _ in items if p.requires_grad]
-        upd = [p for p, _, do in items if do and p.requires_grad]
+        params = [p for p, *_ in items if p.requires_grad]
+        upd = [p for p, _, _, do in items if do and p.requires_grad]
         with torch.enable_grad():
             loss = _call_closure(closure)
             if not isinstance(loss, Tensor) or not loss.requires_grad:
@@ -513,6 +556,7 @@ class Kron(torch.optim.Optimizer):
         self._rng.setstate(_as_rng_state(extra["rng"]))
         self._generator = None
         self._generator_state = extra["generator"]
+        self._cache.clear()
         self.nonfinite_count = int(extra["nonfinite_count"])
         self.seed = int(extra["seed"])
 
