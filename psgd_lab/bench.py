@@ -134,12 +134,19 @@ def run(
     repeats: int = 9,
     warmup: int = 2,
     progress: bool = True,
+    only: Sequence[str] | None = None,
 ) -> dict:
-    """Time every installed optimiser on every parameter set; return a JSON-able dict."""
+    """Time every installed optimiser (or those named in ``only``) on every parameter set;
+    return a JSON-able dict (``table`` renders it)."""
     from tqdm import tqdm
 
     sets = sets or PARAM_SETS
     factories = optimizers()
+    if only is not None:
+        unknown = set(only) - set(factories)
+        if unknown:
+            raise ValueError(f"unknown optimizer(s) {sorted(unknown)}; known: {list(factories)}")
+        factories = {k: v for k, v in factories.items() if k in only}
     results: list[Result] = []
     skipped = [name for name, f in factories.items() if f is None]
     total = sum(len(probs) for _ in sets) * (repeats + warmup)
@@ -290,7 +297,7 @@ def main(args) -> int:
     sets = {k: PARAM_SETS[k] for k in args.sets} if args.sets else dict(PARAM_SETS)
     if args.shapes:
         sets = {"custom": parse_shapes(args.shapes)}
-    report = run(sets, probs=args.probs, repeats=args.repeats, warmup=args.warmup)
+    report = run(sets, probs=args.probs, repeats=args.repeats, warmup=args.warmup, only=args.only)
     print(table(report))
     if args.json:
         with open(args.json, "w") as f:

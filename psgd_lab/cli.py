@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--repeats", type=int, default=9, help="timed steps per optimiser")
     bench.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     bench.add_argument("--json", type=Path, help="also write the full report as JSON here")
+    bench.add_argument("--only", nargs="*", help="optimizers to time (default: all installed)")
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .linalg import solve_upper_right
+from .linalg import solve_upper_right, triu_gram
 from .structure import KronPlan
 
 MAX_MATRIX_SIZE = 4096
@@ -110,10 +110,13 @@ def factor_p(q: Tensor, fits_p: bool = False) -> Tensor:
     return M if fits_p else M.mH @ M
 
 
-def factor_p_compact(q: Tensor) -> Tensor:
+def factor_p_compact(q: Tensor, triangular: bool = False) -> Tensor:
     """``P_i = Q_iᴴ Q_i`` in the factor's own storage: ``(d, d)`` dense, ``(d,)`` or ``()`` as
-    ``|q|²``. ``apply_q`` with these factors applies ``P`` (each ``P_i`` is Hermitian)."""
-    return q.mH @ q if q.dim() == 2 else q.conj() * q
+    ``|q|²``. ``apply_q`` with these factors applies ``P`` (each ``P_i`` is Hermitian).
+    ``triangular``: ``q`` is upper-triangular (``EQ``), so its zero blocks are skipped."""
+    if q.dim() == 2:
+        return triu_gram(q) if triangular else q.mH @ q
+    return q.conj() * q
 
 
 def kron_matrix(factors: Sequence[Tensor]) -> Tensor:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .factors import apply_one, apply_p, apply_q, balance, gram, solve_qh
-from .linalg import hermitian_defect, norm_lower_bound, procrustes_step
+from .linalg import hermitian_defect, norm_lower_bound, procrustes_step, triu_matmul
 from .structure import KronPlan
 
 GEOMETRIES = ("EQ", "QEQ", "QEP", "Q0.5EQ1.5", "QUAD", "PRO4P", "QUAD4P")
@@ -128,8 +128,8 @@ def update_eq(Q, L, v, h, plan, *, lr, lipschitz="kron", beta_L=0.9, norm_bound=
     for i, q in enumerate(Q):
         T1, T2 = gram(i, A, A, plan), gram(i, B, B, plan)
         s = _lr_over_L(T1, T2, L[i], q, lr, lipschitz, beta_L, norm_bound, generator)
-        if q.dim() == 2:
-            q.sub_(s * torch.triu(T1 - T2) @ q)
+        if q.dim() == 2:  # triu(E) and Q_i are upper-triangular: skip the zero blocks
+            q.sub_(s * triu_matmul(torch.triu(T1 - T2), q))
         else:
             q.sub_(s * (T1 - T2) * q)
 

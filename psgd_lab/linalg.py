@@ -95,3 +95,40 @@ def solve_upper_right(X: Tensor, U: Tensor) -> Tensor:
         U.to(work), X.reshape(-1, X.shape[-1]).to(work), upper=True, left=False
     )
     return out.to(X.dtype).reshape(X.shape)
+
+
+# ---------------------------------------------------------------------------- triangular products
+# Products of upper-triangular factors skip their zero blocks: splitting at k = d/2,
+#   [[A11, A12], [0, A22]] @ [[B11, B12], [0, B22]] = [[A11 B11, A11 B12 + A12 B22], [0, A22 B22]]
+# and recursing on the diagonal blocks costs 3/8 of a dense product at d = 1024 (1/3 in the
+# limit). Below _LEAF a single dense product is faster than splitting further.
+_LEAF = 256
+
+
+def triu_matmul(A: Tensor, B: Tensor) -> Tensor:
+    """``A @ B`` for upper-triangular ``(d, d)`` ``A`` and ``B``; the result is upper-triangular."""
+    d = A.shape[-1]
+    if d <= _LEAF:
+        return A @ B
+    k = d // 2
+    out = torch.zeros_like(B)
+    out[:k, :k] = triu_matmul(A[:k, :k], B[:k, :k])
+    out[k:, k:] = triu_matmul(A[k:, k:], B[k:, k:])
+    out[:k, k:] = A[:k, :k] @ B[:k, k:] + A[:k, k:] @ B[k:, k:]
+    return out
+
+
+def triu_gram(U: Tensor) -> Tensor:
+    """``Uᴴ U`` for upper-triangular ``(d, d)`` ``U`` (Hermitian result), skipping zero blocks:
+    ``[[AᴴA, AᴴB], [BᴴA, BᴴB + CᴴC]]`` for ``U = [[A, B], [0, C]]``, recursing on the squares."""
+    d = U.shape[-1]
+    if d <= _LEAF:
+        return U.mH @ U
+    k = d // 2
+    A, B, C = U[:k, :k], U[:k, k:], U[k:, k:]
+    out = torch.empty_like(U)
+    out[:k, :k] = triu_gram(A)
+    out[:k, k:] = A.mH @ B
+    out[k:, :k] = out[:k, k:].mH
+    out[k:, k:] = B.mH @ B + triu_gram(C)
+    return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import random
 import warnings
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import chain
@@ -171,8 +172,8 @@ class Kron(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._prob_step = 0  # step() calls so far: the schedule's n
         self._rng = random.Random(seed)  # balancing decisions, as kron-torch's Random(42)
-        self._generator: torch.Generator | None = None  # v draws; made on the params' device
-        self._generator_state: Tensor | None = None
+        self._generators: dict[str, torch.Generator] = {}  # v draws, one per device
+        self._generator_states: dict[str, Tensor] = {}  # loaded, applied when first used
         self.nonfinite_count = 0  # parameter-steps skipped for a non-finite gradient
         self._warned_nonfinite = False
         self._plans: dict[int, tuple[tuple[int, ...], KronPlan]] = {}
@@ -229,7 +230,7 @@ class Kron(torch.optim.Optimizer):
             for pi, p in enumerate(group["params"]):
                 fshape, plan = self._structure(p, group)
                 mu = group["mu_dtype"] or p.dtype
-                pd = _precond_dtype(group)
+                pd = _precond_dtype(group, p)
                 shapes = tuple(tuple(s) for s in plan.factor_shapes())
                 out.append(
                     ParamInfo(
@@ -248,13 +249,16 @@ class Kron(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ randomness
     def _gen(self, device: torch.device) -> torch.Generator:
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
-            if self._generator_state is not None:
-                self._generator.set_state(self._generator_state)
+        """The generator of ``device`` (seeded with ``seed``, offset by the device's name)."""
+        key = str(device)
+        gen = self._generators.get(key)
+        if gen is None:
+            gen = self._generators[key] = torch.Generator(device=device)
+            if key in self._generator_states:
+                gen.set_state(self._generator_states.pop(key))
             else:
-                self._generator.manual_seed(self.seed)
-        return self._generator
+                gen.manual_seed(self.seed if key == "cpu" else self.seed + zlib.crc32(key.encode()))
+        return gen
 
     # ------------------------------------------------------------------ the step
     @torch.compiler.disable  # a compiled training step calls it eagerly (see README)
@@ -267,15 +271,13 @@ class Kron(torch.optim.Optimizer):
         host-side schedule do not trace, and the CPU compiler gains nothing on these small matrix
         products (issue 6 measures it)."""
         n = self._prob_step
-        updates = [self._decide(gi, group, n) for gi, group in enumerate(self.param_groups)]
-        self._prob_step += 1
-        balance = self._rng.random() < 0.01  # drawn every step, as kron-torch does
-
+        decisions = [self._decide(gi, group, n) for gi, group in enumerate(self.param_groups)]
+        updates = [do for do, _ in decisions]
         items = [
             (p, gi, group, upd)
             for gi, (group, upd) in enumerate(zip(self.param_groups, updates))
             for p in group["params"]
-            if p.numel() > 0 and (p.grad is not None or self.mode == "newton")
+            if p.numel() > 0 and (p.requires_grad if self.mode == "newton" else p.grad is not None)
         ]
         if self.mode == "newton":
             loss, hvs = self._newton(closure, items)
@@ -287,6 +289,11 @@ class Kron(torch.optim.Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError("Kron does not support sparse gradients; use dense gradients")
         finite = self._finite(items, hvs)
+        # nothing raised: commit the schedule's state (a failed step() leaves it untouched)
+        for gi, (_, counter) in enumerate(decisions):
+            self._counters[gi] = counter
+        self._prob_step += 1
+        balance = self._rng.random() < 0.01  # drawn every step, as kron-torch does
 
         for (p, gi, group, do_update), ok in zip(items, finite):
             if not ok:
@@ -299,39 +306,38 @@ class Kron(torch.optim.Optimizer):
             self._step_param(p, gi, group, plan, fshape, state, do_update, balance, hvs.get(p))
         return loss
 
-    def _decide(self, gi: int, group: dict, n: int) -> bool:
-        """The group's deterministic update decision: counter ``>= 1/prob(n)`` (MATH.md §5)."""
+    def _decide(self, gi: int, group: dict, n: int) -> tuple[bool, int]:
+        """The group's deterministic update decision and its next counter: update when
+        ``counter + 1 >= 1/prob(n)`` (MATH.md §5). kron-torch's arithmetic: a callable gets ``n``
+        as a float32 tensor, and a tensor probability is inverted in its own dtype."""
         prob = group["preconditioner_update_probability"]
         if callable(prob):
-            prob = prob(n)
-        prob = float(prob)
-        if not 0 < prob <= 1:
+            prob = prob(torch.tensor(n, dtype=torch.float32))
+        value = float(prob)
+        if not 0 < value <= 1:
             raise ValueError(
-                f"preconditioner_update_probability must be in (0, 1]; the schedule gave {prob!r} "
-                f"at step {n}"
+                f"preconditioner_update_probability must be in (0, 1]; the schedule gave "
+                f"{value!r} at step {n}"
             )
+        inverse = float(1 / prob) if isinstance(prob, Tensor) else 1 / value
+        prob = value
         self._probs[gi] = prob
-        self._counters[gi] += 1
-        if self._counters[gi] >= 1 / prob:
-            self._counters[gi] = 0
-            return True
-        return False
+        counter = self._counters[gi] + 1
+        return (True, 0) if counter >= inverse else (False, counter)
 
     def _init_state(self, p: Tensor, group: dict, plan: KronPlan, state: dict) -> None:
-        pd = _precond_dtype(group)
+        pd = _precond_dtype(group, p)
         scale = group["precond_init_scale"]
         if group["geometry"] in geo.FITS_P and scale is not None:
             scale = scale * scale
         state["step"] = 0
         state["momentum_buffer"] = torch.zeros_like(p, dtype=group["mu_dtype"] or p.dtype)
         state["Q"] = factors.init_factors(plan, 1.0 if scale is None else scale, pd, p.device)
-        real = torch.promote_types(torch.empty((), dtype=pd).real.dtype, torch.float32)
-        state["L"] = [torch.zeros((), dtype=real, device=p.device) for _ in state["Q"]]
         state["initialised"] = scale is not None
 
     def _step_param(self, p, gi, group, plan, fshape, state, do_update, balance, hv) -> None:
         b1 = group["b1"]
-        pd = _precond_dtype(group)
+        pd = state["Q"][0].dtype
         grad = p.grad
         m = state["momentum_buffer"]
         m.mul_(b1).add_(grad, alpha=1 - b1)  # MATH.md §5.1
@@ -375,7 +381,7 @@ class Kron(torch.optim.Optimizer):
         for i, q in enumerate(Q):
             if q.dim() < 2 or prob * q.shape[0] ** 2 <= numel:
                 if P[i] is None:
-                    P[i] = factors.factor_p_compact(q)
+                    P[i] = factors.factor_p_compact(q, group["geometry"] in geo.TRIANGULAR)
                 first.append(P[i])
             else:
                 P[i] = None
@@ -389,25 +395,25 @@ class Kron(torch.optim.Optimizer):
     def _fit(self, group: dict, plan: KronPlan, state: dict, v: Tensor | None, h: Tensor) -> None:
         """One step of the group's geometry on ``Q``; ``v is None`` means whitening."""
         gen = self._gen(h.device)
-        Q, L = state["Q"], state["L"]
+        Q = state["Q"]
+        # L carries over between updates only for the EMA; kron-torch's L = ℓ is scratch
+        real = torch.promote_types(Q[0].real.dtype, torch.float32)
+        L = [torch.zeros((), dtype=real, device=h.device) for _ in Q]
+        if group["lipschitz"] == "ema":
+            L = state.setdefault("L", L)
         if v is None:  # whitening: v ~ N(0, I), integrated out by rules that allow it
             v = randn_like(h, gen)
             v_rule = v if group["geometry"] in geo.NEEDS_V else None
             newton = False
         else:
             v_rule, newton = v, True
-        if group["damping"] is None:  # kron-torch: h + sqrt(eps)·mean|h|·v, v shared
+        if not state["initialised"]:  # MATH.md §4: data-driven scale from the clean pair
+            self._data_init(group, Q, h, v if newton else None)
+            state["initialised"] = True
+        if group["damping"] is None:  # kron-torch: h + sqrt(eps_f32)·mean|h|·v, v shared
             h = h + _SQRT_EPS * h.abs().mean() * v
         else:
             h = damp(h, group["damping"], gen)
-        if not state["initialised"]:
-            s = factors.data_init_scale(h, v if newton else None, group["damping"] or 0.0)
-            if group["geometry"] in geo.FITS_P:
-                s = s * s
-            s = s.pow(1.0 / max(len(Q), 1))
-            for q in Q:
-                q.mul_(s.to(q.real.dtype))
-            state["initialised"] = True
         old = [q.clone() for q in Q] + [x.clone() for x in L]
         geo.update(
             group["geometry"],
@@ -426,6 +432,16 @@ class Kron(torch.optim.Optimizer):
         for x, x0 in zip(chain(Q, L), old):
             x.copy_(torch.where(ok, x, x0))
 
+    @staticmethod
+    def _data_init(group: dict, Q: list[Tensor], h: Tensor, v: Tensor | None) -> None:
+        damping = 1e-9 if group["damping"] is None else group["damping"]
+        s = factors.data_init_scale(h, v, max(damping, 1e-30))  # finite even for h = 0
+        if group["geometry"] in geo.FITS_P:
+            s = s * s
+        s = s.pow(1.0 / max(len(Q), 1))
+        for q in Q:
+            q.mul_(s.to(q.real.dtype))
+
     # ------------------------------------------------------------------ non-finite gradients
     def _finite(self, items: list, hvs: dict) -> list[bool]:
         """One flag per item: its gradient (and ``Hv``) is finite. One host sync for all."""
@@ -438,7 +454,7 @@ class Kron(torch.optim.Optimizer):
                 f = f & torch.isfinite(hvs[p][1]).all()
             flags.append(f)
         dev = flags[0].device
-        finite = torch.stack([f.to(dev, non_blocking=True) for f in flags]).tolist()
+        finite = torch.stack([f.to(dev) for f in flags]).tolist()
         bad = len(finite) - sum(finite)
         if bad:
             if self.nonfinite == "raise":
@@ -468,8 +484,8 @@ class Kron(torch.optim.Optimizer):
                 "Kron(mode='newton') needs step(closure): a closure that evaluates the model and "
                 "returns the loss (without calling backward())"
             )
-        params = [p for p, *_ in items if p.requires_grad]
-        upd = [p for p, _, _, do in items if do and p.requires_grad]
+        params = [p for p, *_ in items]
+        upd = [p for p, _, _, do in items if do]
         with torch.enable_grad():
             loss = _call_closure(closure)
             if not isinstance(loss, Tensor) or not loss.requires_grad:
@@ -483,6 +499,8 @@ class Kron(torch.optim.Optimizer):
                     allow_unused=True,
                 )  # fmt: skip
             except RuntimeError as e:
+                if "second time" not in str(e):
+                    raise
                 raise RuntimeError(
                     "Kron(mode='newton') differentiates the closure's loss itself: the closure "
                     f"must not call backward() ({e})"
@@ -514,7 +532,10 @@ class Kron(torch.optim.Optimizer):
             "prob_step": self._prob_step,
             "update_counters": list(self._counters),
             "rng": self._rng.getstate(),
-            "generator": None if self._generator is None else self._generator.get_state(),
+            "generators": {
+                **self._generator_states,
+                **{k: g.get_state() for k, g in self._generators.items()},
+            },
             "nonfinite_count": self.nonfinite_count,
             "layout": [[tuple(p.shape) for p in g["params"]] for g in self.param_groups],
             "seed": self.seed,
@@ -537,39 +558,40 @@ class Kron(torch.optim.Optimizer):
                 "the state dict was saved for a different parameter layout: "
                 f"{_layout_diff(saved, here)}"
             )
-        # torch casts floating state to the parameter's dtype on load; keep the saved dtypes
-        dtypes = {
-            k: {key: _dtypes(v) for key, v in s.items()} for k, s in state_dict["state"].items()
-        }
+        saved_groups = state_dict["param_groups"]
+        ids = list(chain.from_iterable(g["params"] for g in saved_groups))
+        owners = [(p, sg) for sg, g in zip(saved_groups, self.param_groups) for p in g["params"]]
+        by_id = dict(zip(ids, owners))
+        for k, st in state_dict["state"].items():  # every check before anything changes
+            p, saved_group = by_id[k]
+            self._check_loaded(p, saved_group, st)
         sd = {k: v for k, v in state_dict.items() if k != _EXTRA}
         super().load_state_dict(sd)
-        ids = chain.from_iterable(g["params"] for g in sd["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        for k, p in zip(ids, params):
-            if k in dtypes:
-                st = self.state[p]
-                for key, dt in dtypes[k].items():
-                    st[key] = _recast(st[key], dt)
-                self._check_loaded(p, st)
+        # torch casts floating state to the parameter's dtype, which rounds a float32 Q of a
+        # bf16 parameter: take the saved tensors themselves (copied, moved to the device)
+        for k, st in state_dict["state"].items():
+            p = by_id[k][0]
+            self.state[p] = {key: _copy_to(v, p.device) for key, v in st.items()}
         self._prob_step = int(extra["prob_step"])
         self._counters = [int(c) for c in extra["update_counters"]]
         self._rng.setstate(_as_rng_state(extra["rng"]))
-        self._generator = None
-        self._generator_state = extra["generator"]
+        self._generators = {}
+        self._generator_states = dict(extra["generators"])
         self._cache.clear()
         self.nonfinite_count = int(extra["nonfinite_count"])
         self.seed = int(extra["seed"])
 
-    def _check_loaded(self, p: Tensor, st: dict) -> None:
-        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+    def _check_loaded(self, p: Tensor, group: dict, st: dict) -> None:
+        """A checkpoint's state for ``p`` under the saved ``group`` settings, or ``ValueError``."""
         mu = group["mu_dtype"] or p.dtype
-        if st["momentum_buffer"].dtype != mu:
+        if st["momentum_buffer"].dtype != mu or tuple(st["momentum_buffer"].shape) != p.shape:
             raise ValueError(
-                f"checkpoint momentum is {st['momentum_buffer'].dtype} but this parameter "
-                f"({tuple(p.shape)}, {p.dtype}, mu_dtype={group['mu_dtype']}) needs {mu}: "
-                "load it into parameters of the dtype it was saved with"
+                f"checkpoint momentum is {st['momentum_buffer'].dtype} "
+                f"{tuple(st['momentum_buffer'].shape)} but this parameter ({tuple(p.shape)}, "
+                f"{p.dtype}, mu_dtype={group['mu_dtype']}) needs {mu}: load it into parameters "
+                "of the dtype it was saved with"
             )
-        pd = _precond_dtype(group)
+        pd = _precond_dtype(group, p)
         _, plan = self._structure(p, group)
         shapes = [tuple(q.shape) for q in st["Q"]]
         if shapes != [tuple(s) for s in plan.factor_shapes()] or any(
@@ -647,27 +669,29 @@ def _check_group(g: dict) -> None:
     _number("beta_L", g["beta_L"], 0, 1, hi_open=True)
 
 
-def _precond_dtype(group: dict) -> torch.dtype:
-    return group["precond_dtype"] or torch.float32
+def _precond_dtype(group: dict, p: Tensor) -> torch.dtype:
+    """float32 by default; the matching complex dtype for complex parameters."""
+    pd = group["precond_dtype"]
+    if pd is None:
+        return torch.promote_types(torch.complex64, p.dtype) if p.is_complex() else torch.float32
+    if p.is_complex() and not pd.is_complex:
+        raise ValueError(
+            f"precond_dtype={pd} would drop the imaginary part of a {p.dtype} parameter; "
+            "use a complex precond_dtype (or None)"
+        )
+    return pd
 
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _dtypes(value):
+def _copy_to(value, device):
+    """A copy of a state value with its tensors on ``device`` and their dtypes kept."""
     if isinstance(value, Tensor):
-        return value.dtype
+        return value.to(device=device, copy=True)
     if isinstance(value, (list, tuple)):
-        return [_dtypes(v) for v in value]
-    return None
-
-
-def _recast(value, dtype):
-    if isinstance(value, Tensor):
-        return value.to(dtype)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_recast(v, d) for v, d in zip(value, dtype))
+        return type(value)(_copy_to(v, device) for v in value)
     return value
 
 

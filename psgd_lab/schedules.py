@@ -16,9 +16,10 @@ from torch import Tensor
 class UpdateProbSchedule:
     """``clamp(max_prob · exp(−decay · (n − flat_start)), min_prob, max_prob)``.
 
-    Evaluated in float32 with the same operations as kron-torch's ``ProbScheduler``, so both
-    give bit-identical probabilities (and hence identical update decisions) at every step.
-    Returns a Python float. Picklable and safe for ``torch.load(weights_only=True)``.
+    Evaluated in float32 with the same operations as kron-torch's ``ProbScheduler`` and returned,
+    like it, as a 0-dim float32 tensor, so ``Kron`` inverts it in float32 as kron-torch does:
+    bit-identical probabilities and identical update decisions at every step. Picklable and safe
+    for ``torch.load(weights_only=True)``.
     """
 
     def __init__(
@@ -40,16 +41,18 @@ class UpdateProbSchedule:
         self.decay = float(decay)
         self.flat_start = float(flat_start)
 
-    def __call__(self, n: int | float | Tensor) -> float:
+    def __call__(self, n: int | float | Tensor) -> Tensor:
         f32 = torch.float32
         n = torch.as_tensor(n, dtype=f32, device="cpu")
         top = torch.tensor(self.max_prob, dtype=f32)
         prob = top * torch.exp(-torch.tensor(self.decay, dtype=f32) * (n - self.flat_start))
-        prob.clamp_(min=torch.tensor(self.min_prob, dtype=f32), max=top)
-        return float(prob)
+        return prob.clamp_(min=torch.tensor(self.min_prob, dtype=f32), max=top)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, UpdateProbSchedule) and vars(self) == vars(other)
+
+    def __hash__(self) -> int:
+        return hash(tuple(vars(self).values()))
 
     def __repr__(self) -> str:
         return (

@@ -4,7 +4,9 @@
 
 Trains a model with every kind of parameter shape on a fixed data stream with ``psgd_lab.Kron``
 and a fast-annealing schedule (so the update counter, the balancing RNG and the ``v`` generator
-all matter), and writes the final parameters to ``OUT``.
+all matter: with seed 39 balancing happens at steps 13 and 24), a second group of bf16
+parameters with float32 momentum and float64 factors (dtypes torch would cast on load), and
+writes the final parameters to ``OUT``.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ class Model(torch.nn.Module):
         self.conv = torch.nn.Conv2d(2, 4, 3)  # 4-D weight, merged to 2-D
         self.lin = torch.nn.Linear(16, 3)
         self.scale = torch.nn.Parameter(torch.ones(()))
+        self.gain = torch.nn.Parameter(torch.ones(3, 3, dtype=torch.bfloat16))
 
     def forward(self, x):
         h = torch.tanh(self.conv(x)).flatten(1)
-        return self.scale * self.lin(h)
+        return self.scale * self.lin(h) @ self.gain.float()
 
 
 def batch(t: int):
@@ -37,14 +40,19 @@ def batch(t: int):
 def make():
     torch.manual_seed(0)
     model = Model()
+    main = [p for name, p in model.named_parameters() if name != "gain"]
+    groups = [
+        {"params": main},
+        {"params": [model.gain], "mu_dtype": torch.float32, "precond_dtype": torch.float64},
+    ]
     opt = psgd_lab.Kron(
-        model.parameters(),
+        groups,
         lr=3e-3,
         weight_decay=1e-2,
         preconditioner_update_probability=psgd_lab.precond_update_prob_schedule(
-            flat_start=5, decay=0.05, min_prob=0.2
+            flat_start=25, decay=0.05, min_prob=0.2
         ),
-        seed=7,
+        seed=39,
     )
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.9)
     return model, opt, sched

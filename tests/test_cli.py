@@ -44,4 +44,4 @@ def test_info(capsys):
 
 def test_unknown_command():
     with pytest.raises(SystemExit):
-        cli.main(["bench"])
+        cli.main(["benchmark-everything"])

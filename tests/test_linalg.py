@@ -11,6 +11,8 @@ from psgd_lab.linalg import (
     norm_lower_bound_power,
     procrustes_step,
     solve_upper_right,
+    triu_gram,
+    triu_matmul,
 )
 from psgd_lab.problems import random_spd
 
@@ -74,3 +76,16 @@ def test_solve_upper_right():
     U = torch.triu(torch.randn(5, 5, dtype=torch.float64)) + 5 * torch.eye(5)
     X = torch.randn(3, 4, 5, dtype=torch.float64)
     torch.testing.assert_close(solve_upper_right(X, U) @ U, X)
+
+
+@pytest.mark.parametrize("d", [1, 5, 256, 257, 600, 1024])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64])
+def test_triangular_products_equal_dense_products(d, dtype):
+    g = torch.Generator().manual_seed(d)
+    A = torch.randn(d, d, generator=g, dtype=dtype).triu()
+    B = torch.randn(d, d, generator=g, dtype=dtype).triu()
+    tol = {"rtol": 1e-5, "atol": 1e-4} if dtype != torch.float64 else {}
+    AB = triu_matmul(A, B)
+    torch.testing.assert_close(AB, A @ B, **tol)
+    assert torch.equal(AB.tril(-1), torch.zeros_like(AB))  # exactly triangular
+    torch.testing.assert_close(triu_gram(A), A.mH @ A, **tol)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from psgd_lab import GEOMETRIES, Kron, precond_update_prob_schedule
+from psgd_lab import GEOMETRIES, Kron
 from psgd_lab.problems import digits, kron_quadratic, mlp
 
 HERE = Path(__file__).resolve().parent
@@ -190,7 +190,7 @@ def test_autocast_with_bf16_parameters_trains_like_float32():
     assert opt.state[p]["Q"][0].dtype == torch.float32  # precond_dtype default
     f32 = _autocast_run(torch.float32)[2]
     assert losses[-1] < 0.5 * losses[0]
-    assert losses[-1] == pytest.approx(f32[-1], rel=0.1)  # measured: 0.2389 vs 0.2388
+    assert losses[-1] == pytest.approx(f32[-1], rel=0.02)  # measured: 0.2389 vs 0.2388
 
 
 def test_compiled_training_step_matches_eager():
@@ -232,9 +232,12 @@ def test_every_shape_trains():
     def loss_fn():
         return sum((p**2).sum() for k, p in ps.items() if k != "no grad")
 
+    before = {k: p.detach().clone() for k, p in ps.items()}
     start = loss_fn().item()
     end = _fit(opt, list(ps.values()), loss_fn, 50)
     assert end < 0.7 * start
+    for k in ("scalar", "vector", "matrix", "conv", "16-dim"):
+        assert (ps[k] - before[k]).abs().max() > 1e-3, k
     assert torch.equal(ps["no grad"], no_grad_before) and ps["no grad"] not in opt.state
     assert ps["empty"] not in opt.state
     assert len(opt.state[ps["16-dim"]]["Q"]) == 16
@@ -292,6 +295,7 @@ def test_newton_mode_fits_the_inverse_hessian(hvp):
     )
     for _ in range(800):
         opt.step(lambda: loss_fn(X))
+    assert torch.equal(X, X0)  # lr 0: only the preconditioner moved
     Q = opt.state[X]["Q"]
     P = torch.kron(Q[0].T @ Q[0], Q[1].T @ Q[1])
     H = torch.autograd.functional.hessian(lambda z: loss_fn(z.reshape(6, 6)), X0.reshape(-1))
@@ -414,7 +418,7 @@ def test_exact_resume_in_a_new_process(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     state = torch.load(ckpt, weights_only=True)["opt"]
     extra = state["psgd_lab"]
-    assert extra["prob_step"] == 17 and extra["generator"] is not None
+    assert extra["prob_step"] == 17 and "cpu" in extra["generators"]
 
 
 def test_state_dict_holds_everything_and_round_trips_dtypes():
@@ -423,8 +427,8 @@ def test_state_dict_holds_everything_and_round_trips_dtypes():
     p.grad = torch.randn_like(p)
     opt.step()
     sd = opt.state_dict()
-    assert set(sd["state"][0]) == {"step", "momentum_buffer", "Q", "L", "initialised"}
-    assert {"prob_step", "update_counters", "rng", "generator"} <= set(sd["psgd_lab"])
+    assert set(sd["state"][0]) == {"step", "momentum_buffer", "Q", "initialised"}  # no L: kron
+    assert {"prob_step", "update_counters", "rng", "generators"} <= set(sd["psgd_lab"])
     opt2 = Kron([p], mu_dtype=torch.float32, precond_dtype=torch.float64)
     opt2.load_state_dict(sd)
     st = opt2.state[p]
@@ -499,13 +503,6 @@ def test_matches_adamw_on_digits():
     assert kron > 0.95
 
 
-def test_default_schedule_is_kron_torch_default():
-    opt = Kron([torch.nn.Parameter(torch.zeros(2))])
-    assert opt.param_groups[0]["preconditioner_update_probability"] == (
-        precond_update_prob_schedule()
-    )
-
-
 # ---------------------------------------------------------------------------- the P cache
 
 
@@ -543,3 +540,117 @@ def test_cached_p_path_equals_the_plain_path(geometry, memory_save_mode):
     assert sum(r.cache_bytes for r in opt.describe()) == expected
     if geometry != "PRO4P" and memory_save_mode is None:
         assert opt._cache[fast[6]][0] is None  # the dense 300x300 factor of (300, 4)
+
+
+# ---------------------------------------------------------------------------- review fixes
+
+
+@pytest.mark.parametrize("shape, decayed", [((4,), False), ((3, 4), True), ((2, 2, 3), True)])
+def test_one_step_is_clipped_momentum_plus_weight_decay_on_ndim_ge_2(shape, decayed):
+    """``b1 = 0`` and no preconditioner update on the first step (prob 0.5): ``P = I``, so
+    ``u = g · min(1, 1.1/rms(g)) + wd·θ`` (``θ`` only for ``ndim >= 2``), ``θ <- θ − lr·u``."""
+    g = torch.Generator().manual_seed(0)
+    theta = torch.randn(shape, generator=g)
+    grad = 3 * torch.randn(shape, generator=g)
+    x = torch.nn.Parameter(theta.clone())
+    opt = Kron([x], lr=0.1, b1=0.0, weight_decay=0.5, preconditioner_update_probability=0.5)
+    x.grad = grad.clone()
+    opt.step()
+    u = grad * min(1.0, 1.1 / (grad.square().mean().sqrt().item() + 1e-12))
+    if decayed:
+        u = u + 0.5 * theta
+    torch.testing.assert_close(x.detach(), theta - 0.1 * u)
+
+
+def test_failed_step_consumes_no_schedule_state():
+    x = torch.nn.Parameter(torch.ones(3, 3))
+    opt = Kron([x], mode="newton")
+    rng = opt._rng.getstate()
+    for _ in range(3):
+        with pytest.raises(RuntimeError):
+            opt.step()
+    opt2 = Kron([x], nonfinite="raise")
+    x.grad = torch.full((3, 3), float("nan"))
+    with pytest.raises(FloatingPointError):
+        opt2.step()
+    for o in (opt, opt2):
+        assert o._prob_step == 0 and o._counters == [0] and o._rng.getstate() == rng
+    assert len(opt2.state) == 0
+
+
+def test_all_parameters_skipped_step_changes_nothing():
+    ps = [torch.nn.Parameter(torch.randn(3, 3)), torch.nn.Parameter(torch.randn(2))]
+    opt = Kron(ps)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    before = [p.detach().clone() for p in ps]
+    for p in ps:
+        p.grad = torch.full_like(p, float("inf"))
+    with pytest.warns(RuntimeWarning):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(ps, before))
+    assert opt.nonfinite_count == 2 and all(opt.state[p]["step"] == 1 for p in ps)
+
+
+def test_data_init_survives_a_zero_first_gradient():
+    """LoRA-like: A's gradient is exactly 0 while B = 0. The data-driven scale must stay finite."""
+    x = torch.nn.Parameter(torch.randn(4, 5))
+    opt = Kron([x], precond_init_scale=None, preconditioner_update_probability=1.0)
+    x.grad = torch.zeros(4, 5)
+    opt.step()
+    x.grad = torch.randn(4, 5)
+    opt.step()
+    assert torch.isfinite(x).all()
+    assert all(torch.isfinite(q).all() for q in opt.state[x]["Q"])
+
+
+def test_complex_parameters_train_with_a_complex_preconditioner():
+    target = torch.randn(4, 3, dtype=torch.complex64, generator=torch.Generator().manual_seed(0))
+    z = torch.nn.Parameter(torch.zeros(4, 3, dtype=torch.complex64))
+    opt = Kron([z], lr=0.05, preconditioner_update_probability=1.0)
+    for _ in range(200):
+        opt.zero_grad()
+        (z - target).abs().square().sum().backward()
+        opt.step()
+    assert opt.state[z]["Q"][0].dtype == torch.complex64
+    assert (z - target).abs().max() < 0.1
+    with pytest.raises(ValueError, match="would drop the imaginary part"):
+        bad = Kron([z], precond_dtype=torch.float32)
+        z.grad = torch.ones_like(z)
+        bad.step()
+
+
+def test_failed_load_leaves_the_optimiser_unchanged():
+    a = torch.nn.Parameter(torch.randn(4, 5))
+    src = Kron([a], lr=0.1)
+    a.grad = torch.randn(4, 5)
+    src.step()
+    sd = src.state_dict()
+    b = torch.nn.Parameter(torch.randn(4, 5, dtype=torch.float64))
+    dst = Kron([b], lr=0.5, weight_decay=0.1)
+    b.grad = torch.randn(4, 5, dtype=torch.float64)
+    dst.step()
+    before = dst.state_dict()
+    with pytest.raises(ValueError, match="checkpoint momentum is torch.float32"):
+        dst.load_state_dict(sd)
+    after = dst.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert torch.equal(after["state"][0]["momentum_buffer"], before["state"][0]["momentum_buffer"])
+    assert after["psgd_lab"]["prob_step"] == before["psgd_lab"]["prob_step"]
+
+
+def test_load_keeps_saved_values_not_only_dtypes():
+    p = torch.nn.Parameter(torch.randn(6, 5, dtype=torch.bfloat16))
+    opt = Kron([p], precond_dtype=torch.float64, mu_dtype=torch.float32)
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    sd = opt.state_dict()
+    opt2 = Kron([p], precond_dtype=torch.float64, mu_dtype=torch.float32)
+    opt2.load_state_dict(sd)
+    for key in ("momentum_buffer",):
+        assert torch.equal(opt2.state[p][key], opt.state[p][key])
+    assert all(torch.equal(a, b) for a, b in zip(opt2.state[p]["Q"], opt.state[p]["Q"]))
+    opt2.state[p]["Q"][0].add_(1.0)  # the loaded state is a copy, not the checkpoint's tensors
+    assert not torch.equal(sd["state"][0]["Q"][0], opt2.state[p]["Q"][0])
