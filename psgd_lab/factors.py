@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .linalg import solve_upper_right, triu_gram
+from .linalg import self_gram, solve_upper_right, triu_gram, triu_mm
 from .structure import KronPlan
 
 MAX_MATRIX_SIZE = 4096
@@ -79,6 +79,29 @@ def gram(i: int, X: Tensor, Y: Tensor, plan: KronPlan) -> Tensor:
     return plan.grams[i](X, Y.conj())
 
 
+def gram_self(i: int, X: Tensor, plan: KronPlan) -> Tensor:
+    """``gram_i(X, X)``: for a dense factor the mode-``i`` unfolding ``X_(i) X_(i)ᴴ``, computed
+    once per symmetric pair of blocks (``linalg.self_gram``); for a diagonal one, the plan's."""
+    if X.dim() == 0 or plan.diag[i] or 2 * plan.numel < plan.shape[i] ** 2:
+        # a thin unfolding (fewer columns than d_i / 2) makes the product memory-bound: the
+        # block splitting would only add copies of the d_i x d_i result
+        return plan.grams[i](X, X.conj())
+    return self_gram(X.movedim(i, 0).reshape(X.shape[i], -1))
+
+
+def apply_q_triangular(Q: Sequence[Tensor], X: Tensor) -> Tensor:
+    """``Q X`` for upper-triangular dense factors (``EQ``), axis by axis, skipping zero blocks."""
+    if X.dim() == 0:
+        return Q[0] * X
+    for i, q in enumerate(Q):
+        if q.dim() < 2:
+            X = X * q.reshape((-1,) + (1,) * (X.dim() - i - 1))
+        else:
+            Xi = X.movedim(i, 0)
+            X = triu_mm(q, Xi.reshape(q.shape[0], -1)).reshape(Xi.shape).movedim(0, i)
+    return X
+
+
 def solve_qh(Q: Sequence[Tensor], V: Tensor) -> Tensor:
     """``Q⁻ᴴ V`` for upper-triangular dense factors and diagonal factors (triangular solves).
 
@@ -99,6 +122,7 @@ def balance(Q: list[Tensor]) -> list[Tensor]:
     if len(Q) < 2:
         return Q
     norms = torch.stack([q.abs().amax() for q in Q])
+    norms = norms.clamp(min=torch.finfo(norms.dtype).tiny)  # an all-zero factor stays zero
     gmean = norms.log().mean().exp()
     torch._foreach_mul_(Q, list((gmean / norms).unbind()))
     return Q

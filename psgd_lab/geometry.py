@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .factors import apply_one, apply_p, apply_q, balance, gram, solve_qh
+from .factors import apply_one, apply_p, apply_q, apply_q_triangular, balance, gram_self, solve_qh
 from .linalg import hermitian_defect, norm_lower_bound, procrustes_step, triu_matmul
 from .structure import KronPlan
 
@@ -98,8 +98,8 @@ def _grams(Q, v, h, plan, fits_p: bool):
     """``T1 = gram_i(Ph, Ph)``, ``T2 = gram_i(v, v)`` or ``numel/d_i`` for every factor."""
     Ph = apply_q(Q, h, plan) if fits_p else apply_p(Q, h, plan)
     for i in range(len(Q)):
-        T2 = gram(i, v, v, plan) if v is not None else _c(plan, i)
-        yield i, gram(i, Ph, Ph, plan), T2
+        T2 = gram_self(i, v, plan) if v is not None else _c(plan, i)
+        yield i, gram_self(i, Ph, plan), T2
 
 
 def _procrustes_until(q: Tensor, tol: float = 1e-3, max_iters: int = 10) -> None:
@@ -123,10 +123,10 @@ def update_eq(Q, L, v, h, plan, *, lr, lipschitz="kron", beta_L=0.9, norm_bound=
     """``dQ = E Q``: ``Q_i <- Q_i − lr/L_i · triu(T1 − T2) Q_i`` with ``A = Qh``, ``B = Q⁻ᴴv``."""
     if v is None:
         v = torch.randn(h.shape, dtype=h.dtype, device=h.device, generator=generator)
-    A = apply_q(Q, h, plan)
+    A = apply_q_triangular(Q, h)
     B = solve_qh(Q, v)
     for i, q in enumerate(Q):
-        T1, T2 = gram(i, A, A, plan), gram(i, B, B, plan)
+        T1, T2 = gram_self(i, A, plan), gram_self(i, B, plan)
         s = _lr_over_L(T1, T2, L[i], q, lr, lipschitz, beta_L, norm_bound, generator)
         if q.dim() == 2:  # triu(E) and Q_i are upper-triangular: skip the zero blocks
             q.sub_(s * triu_matmul(torch.triu(T1 - T2), q))
@@ -216,10 +216,10 @@ def update_qep(Q, L, v, h, plan, *, lr, lipschitz="kron", beta_L=0.9, norm_bound
     Ph = apply_p(Q, h, plan)
     for i, q in enumerate(Q):
         X = apply_one(q, i, Ph, plan)
-        T1 = gram(i, X, X, plan)
+        T1 = gram_self(i, X, plan)
         if v is not None:
             Qv = apply_one(q, i, v, plan)
-            T2 = gram(i, Qv, Qv, plan)
+            T2 = gram_self(i, Qv, plan)
         elif q.dim() == 2:
             T2 = _c(plan, i) * (q @ q.mH)
         else:

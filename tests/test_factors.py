@@ -101,3 +101,25 @@ def test_data_init_scale():
 def test_kron_matrix_refuses_large():
     with pytest.raises(ValueError, match="limited to"):
         factors.kron_matrix([torch.eye(100), torch.eye(100)])
+
+
+@pytest.mark.parametrize(
+    "shape, diag",
+    [((), ()), ((7,), (True,)), ((5, 6), (False, True)), ((300, 3), (False, False)),
+     ((3, 4, 5), (False, True, False)), ((2, 3, 2, 3), (False, False, False, False))],
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_structured_gram_and_triangular_apply_equal_the_plain_ones(shape, diag, dtype):
+    from psgd_lab.factors import apply_q, apply_q_triangular, gram, gram_self
+    from psgd_lab.structure import make_plan
+
+    g = torch.Generator().manual_seed(0)
+    plan = make_plan(shape, diag)
+    X = torch.randn(shape, generator=g, dtype=dtype)
+    Q = [
+        torch.randn(s, generator=g, dtype=dtype).triu() if len(s) == 2 else
+        torch.randn(s, generator=g, dtype=dtype) for s in plan.factor_shapes()
+    ]  # fmt: skip
+    torch.testing.assert_close(apply_q_triangular(Q, X), apply_q(Q, X, plan))
+    for i in range(len(shape)):
+        torch.testing.assert_close(gram_self(i, X, plan), gram(i, X, X, plan))

@@ -10,9 +10,11 @@ from psgd_lab.linalg import (
     norm_lower_bound,
     norm_lower_bound_power,
     procrustes_step,
+    self_gram,
     solve_upper_right,
     triu_gram,
     triu_matmul,
+    triu_mm,
 )
 from psgd_lab.problems import random_spd
 
@@ -89,3 +91,6 @@ def test_triangular_products_equal_dense_products(d, dtype):
     torch.testing.assert_close(AB, A @ B, **tol)
     assert torch.equal(AB.tril(-1), torch.zeros_like(AB))  # exactly triangular
     torch.testing.assert_close(triu_gram(A), A.mH @ A, **tol)
+    X = torch.randn(d, 37, generator=g, dtype=dtype)
+    torch.testing.assert_close(triu_mm(A, X), A @ X, **tol)
+    torch.testing.assert_close(self_gram(X), X @ X.mH, **tol)
