@@ -341,25 +341,28 @@ class Kron(torch.optim.Optimizer):
         grad = p.grad
         m = state["momentum_buffer"]
         m.mul_(b1).add_(grad, alpha=1 - b1)  # MATH.md §5.1
-        m_hat = (m / (1 - b1 ** state["step"])).to(dtype=pd).reshape(fshape)
+        debias = 1 - b1 ** state["step"]
+        m_view = m.to(dtype=pd).reshape(fshape)  # a view when the dtypes agree
         Q = state["Q"]
         if do_update:
             if balance and len(fshape) > 1:
                 factors.balance(Q)
             if hv is None:
+                m_hat = m_view / debias
                 h = m_hat if group["momentum_into_precond_update"] else grad.to(pd).reshape(fshape)
                 self._fit(group, plan, state, None, h)
             else:
                 v, h = hv
                 self._fit(group, plan, state, v.to(pd).reshape(fshape), h.to(pd).reshape(fshape))
-        u = self._precondition(p, gi, group, plan, Q, m_hat, changed=do_update)  # MATH.md §5.4
-        sq = u.abs().square() if u.is_complex() else u.square()
-        u.mul_(torch.minimum(torch.ones((), dtype=sq.dtype, device=u.device),
-                             1.1 / sq.mean().sqrt().add(1e-12)))  # fmt: skip
-        u = u.reshape(p.shape)
+        # MATH.md §5.4-5: u = P m̂ clipped to RMS 1.1, plus weight decay, θ <- θ − lr·u. P is
+        # linear, so P m̂ = (P m)/debias: the debias and the clip fold into one scale, and the
+        # step is one fused pass over θ (no host sync: the scale stays a tensor).
+        Pm = self._precondition(p, gi, group, plan, Q, m_view, changed=do_update)
+        rms = torch.linalg.vector_norm(Pm) / (math.sqrt(max(Pm.numel(), 1)) * debias)
+        scale = torch.clamp(1.1 / (rms + 1e-12), max=1.0) / debias
         if group["weight_decay"] != 0 and p.dim() >= 2:
-            u.add_(p, alpha=group["weight_decay"])
-        p.add_(u.to(dtype=p.dtype), alpha=-group["lr"])
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.addcmul_(Pm.reshape(p.shape), scale.to(Pm.real.dtype), value=-group["lr"])
 
     def _precondition(self, p, gi, group, plan, Q, m_hat, changed: bool) -> Tensor:
         """``u = P m̂`` along every axis: from the cached ``P_i`` where it pays, else ``Q_iᴴ Q_i``.

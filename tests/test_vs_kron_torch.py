@@ -158,7 +158,9 @@ CONFIGS = {
 @pytest.mark.parametrize("name", CONFIGS)
 def test_configurations_track_kron_torch(name, capsys):
     """A conv weight (merged to 2-D), a linear layer, biases and a scale, 20 steps with the same
-    ``v``: same update decisions, factors within 1e-3 and parameters within 1e-4 relative."""
+    ``v``: same update decisions, factors within 1e-3 and parameters within 1e-4 relative. With a
+    bf16 momentum kron-torch rounds ``m̂ = m/(1 − b1ᵗ)`` to bf16 before fitting and preconditioning;
+    psgd_lab divides in the preconditioner's dtype, so there the bound is bf16's 2⁻⁸ scale."""
     kw = dict(CONFIGS[name])
     bf16 = kw.pop("bf16", False)
     runs = []
@@ -186,14 +188,15 @@ def test_configurations_track_kron_torch(name, capsys):
     capsys.readouterr()
     (pk, ok, ck), (pp, op, cp) = runs
     assert ck == cp
+    p_tol, q_tol = (1e-2, 1e-2) if bf16 else (1e-3, 1e-3) if "mu_dtype" in kw else (1e-4, 1e-3)
     for a, b in zip(pk, pp):
         assert a.dtype == b.dtype
-        assert ((a - b).float().norm() / a.float().norm()).item() < (1e-2 if bf16 else 1e-4)
+        assert ((a - b).float().norm() / a.float().norm()).item() < p_tol
         sa, sb = ok.state[a], op.state[b]
         assert sa["momentum_buffer"].dtype == sb["momentum_buffer"].dtype
         for qa, qb in zip(sa["Q"], sb["Q"]):
             assert qa.shape == qb.shape and qa.dtype == qb.dtype
-            assert ((qa - qb).norm() / qa.norm()).item() < 1e-3
+            assert ((qa - qb).norm() / qa.norm()).item() < q_tol
 
 
 def test_final_losses_agree_over_three_seeds(capsys):
