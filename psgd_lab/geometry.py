@@ -59,12 +59,15 @@ def _c(plan: KronPlan, i: int) -> float:
 
 
 def _minus(T1: Tensor, T2: T2Term) -> Tensor:
-    """``T1 − T2`` where a float ``T2`` means ``T2 · I``."""
+    """``T1 − T2`` where a float ``T2`` means ``T2 · I``. Overflowed entries become 0: the step
+    is then 0 too (``_step``), so a pair that overflowed leaves the factor unchanged."""
     if isinstance(T2, Tensor):
-        return T1 - T2
-    if T1.dim() == 2:
-        return T1 - T2 * torch.eye(T1.shape[0], dtype=T1.dtype, device=T1.device)
-    return T1 - T2
+        E = T1 - T2
+    elif T1.dim() == 2:
+        E = T1 - T2 * torch.eye(T1.shape[0], dtype=T1.dtype, device=T1.device)
+    else:
+        E = T1 - T2
+    return E.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _ell(T1: Tensor, T2: T2Term, norm_bound: str, generator) -> Tensor:
@@ -79,13 +82,17 @@ def _ell(T1: Tensor, T2: T2Term, norm_bound: str, generator) -> Tensor:
 
 
 def _step(ell: Tensor, L_i: Tensor, lr: float, lipschitz: str, beta_L: float) -> Tensor:
-    """Update ``L_i`` in place from ``ℓ`` and return the step ``lr / L_i``."""
+    """Update ``L_i`` in place from ``ℓ`` and return the step ``lr / L_i``.
+
+    A non-finite ``ℓ`` (the pair overflowed, e.g. gradients of 1e30 in float32) gives step 0 and
+    leaves ``L_i`` alone, without a host sync: the factor is left unchanged by that pair.
+    """
     ell = ell.to(L_i.dtype)
-    if lipschitz == "ema":
-        L_i.copy_(torch.maximum(beta_L * L_i + (1 - beta_L) * ell, ell))
-    else:
-        L_i.copy_(ell)
-    return lr / L_i.clamp(min=torch.finfo(L_i.dtype).tiny)
+    ok = torch.isfinite(ell)
+    new = torch.maximum(beta_L * L_i + (1 - beta_L) * ell, ell) if lipschitz == "ema" else ell
+    L_i.copy_(torch.where(ok, new, L_i))
+    step = lr / L_i.clamp(min=torch.finfo(L_i.dtype).tiny)
+    return torch.where(ok, step, torch.zeros_like(step))
 
 
 def _lr_over_L(T1, T2, L_i, q, lr, lipschitz, beta_L, norm_bound, generator) -> Tensor:
@@ -128,10 +135,11 @@ def update_eq(Q, L, v, h, plan, *, lr, lipschitz="kron", beta_L=0.9, norm_bound=
     for i, q in enumerate(Q):
         T1, T2 = gram_self(i, A, plan), gram_self(i, B, plan)
         s = _lr_over_L(T1, T2, L[i], q, lr, lipschitz, beta_L, norm_bound, generator)
+        E = _minus(T1, T2)
         if q.dim() == 2:  # triu(E) and Q_i are upper-triangular: skip the zero blocks
-            q.sub_(s * triu_matmul(torch.triu(T1 - T2), q))
+            q.addcmul_(triu_matmul(E.triu_(), q), s, value=-1)
         else:
-            q.sub_(s * (T1 - T2) * q)
+            q.addcmul_(E * q, s, value=-1)
 
 
 def update_qeq(Q, L, v, h, plan, *, lr, lipschitz="kron", beta_L=0.9, norm_bound="power",
@@ -225,7 +233,7 @@ def update_qep(Q, L, v, h, plan, *, lr, lipschitz="kron", beta_L=0.9, norm_bound
         else:
             T2 = _c(plan, i) * (q * q.conj())
         s = _lr_over_L(T1, T2, L[i], q, lr, lipschitz, beta_L, norm_bound, generator)
-        E = T1 - T2
+        E = _minus(T1, T2)
         q.sub_(s * (E @ q if q.dim() == 2 else E * q))
 
 

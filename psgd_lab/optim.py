@@ -340,7 +340,7 @@ class Kron(torch.optim.Optimizer):
         pd = state["Q"][0].dtype
         grad = p.grad
         m = state["momentum_buffer"]
-        m.mul_(b1).add_(grad, alpha=1 - b1)  # MATH.md §5.1
+        m.lerp_(grad.to(m.dtype), 1 - b1)  # MATH.md §5.1: m <- b1·m + (1 − b1)·g, one pass
         debias = 1 - b1 ** state["step"]
         m_view = m.to(dtype=pd).reshape(fshape)  # a view when the dtypes agree
         Q = state["Q"]
@@ -414,10 +414,10 @@ class Kron(torch.optim.Optimizer):
             self._data_init(group, Q, h, v if newton else None)
             state["initialised"] = True
         if group["damping"] is None:  # kron-torch: h + sqrt(eps_f32)·mean|h|·v, v shared
-            h = h + _SQRT_EPS * h.abs().mean() * v
+            h = torch.addcmul(h, v, _SQRT_EPS * h.abs().mean())
         else:
             h = damp(h, group["damping"], gen)
-        old = [q.clone() for q in Q] + [x.clone() for x in L]
+        # a pair that overflows (e.g. gradients of 1e30) gets step 0 inside the rule: Q stays finite
         geo.update(
             group["geometry"],
             Q,
@@ -430,10 +430,6 @@ class Kron(torch.optim.Optimizer):
             beta_L=group["beta_L"],
             generator=gen,
         )
-        # a step that would make Q non-finite is undone, without a host sync
-        ok = torch.stack([torch.isfinite(x).all() for x in chain(Q, L)]).all()
-        for x, x0 in zip(chain(Q, L), old):
-            x.copy_(torch.where(ok, x, x0))
 
     @staticmethod
     def _data_init(group: dict, Q: list[Tensor], h: Tensor, v: Tensor | None) -> None:
@@ -451,8 +447,12 @@ class Kron(torch.optim.Optimizer):
         if not items:
             return []
         flags = []
-        for p, *_ in items:
-            f = torch.isfinite(p.grad).all()
+        for p, *_ in items:  # NaN propagates through min/max; ±inf shows in them: one pass
+            g = p.grad
+            if g.is_complex():
+                f = torch.isfinite(g).all()
+            else:
+                f = torch.isfinite(torch.stack(torch.aminmax(g.reshape(-1)))).all()
             if p in hvs:
                 f = f & torch.isfinite(hvs[p][1]).all()
             flags.append(f)
