@@ -243,8 +243,9 @@ def table(report: dict) -> str:
     ]
     for r in rows:
         if r["note"].startswith("failed"):
+            note = r["note"] if len(r["note"]) <= 70 else r["note"][:69] + "…"
             lines.append(
-                f"| {r['params']} | {r['optimizer']} | {_p(r['prob'])} | {r['note']} | | | | | | |"
+                f"| {r['params']} | {r['optimizer']} | {_p(r['prob'])} | {note} | | | | | | |"
             )
             continue
         adam = by.get((r["params"], "AdamW", None))
