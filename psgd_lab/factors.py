@@ -50,6 +50,19 @@ def data_init_scale(h: Tensor, v: Tensor | None = None, damping: float = 1e-9) -
     return s
 
 
+def scale_to_data(
+    Q: Sequence[Tensor], h: Tensor, v: Tensor | None, damping: float, fits_p: bool = False
+) -> None:
+    """Rescale ``Q = I·c`` in place to the data-driven scale of MATH.md §4 (squared when the
+    factors are factors of ``P``), shared evenly by the ``k`` factors."""
+    s = data_init_scale(h, v, max(damping, 1e-30))  # finite even for h = 0
+    if fits_p:
+        s = s * s
+    s = s.pow(1.0 / max(len(Q), 1))
+    for q in Q:
+        q.mul_(s.to(q.real.dtype))
+
+
 def _conj_all(Q: Sequence[Tensor]) -> list[Tensor]:
     return [q.conj() for q in Q]
 

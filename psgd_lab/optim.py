@@ -27,14 +27,20 @@ from torch import Tensor
 
 from . import factors
 from . import geometry as geo
-from .pairs import HVP_METHODS, damp, hvp_autograd, hvp_finite_difference, randn_like
+from .pairs import (
+    HVP_METHODS,
+    damp,
+    hvp_autograd,
+    hvp_finite_difference,
+    kron_torch_damp,
+    randn_like,
+)
 from .schedules import UpdateProbSchedule, precond_update_prob_schedule
 from .structure import KronPlan, check_memory_save_mode, diag_dims, make_plan, merged_shape
 
 MODES = ("whiten", "newton")
 NONFINITE = ("skip", "raise")
 STATE_FORMAT = 1
-_SQRT_EPS = torch.finfo(torch.float32).eps ** 0.5  # kron-torch's relative damping of h
 _EXTRA = "psgd_lab"  # the key of the optimiser-wide state in state_dict()
 
 
@@ -411,10 +417,12 @@ class Kron(torch.optim.Optimizer):
         else:
             v_rule, newton = v, True
         if not state["initialised"]:  # MATH.md §4: data-driven scale from the clean pair
-            self._data_init(group, Q, h, v if newton else None)
+            damping = 1e-9 if group["damping"] is None else group["damping"]
+            fits_p = group["geometry"] in geo.FITS_P
+            factors.scale_to_data(Q, h, v if newton else None, damping, fits_p)
             state["initialised"] = True
         if group["damping"] is None:  # kron-torch: h + sqrt(eps_f32)·mean|h|·v, v shared
-            h = torch.addcmul(h, v, _SQRT_EPS * h.abs().mean())
+            h = kron_torch_damp(h, v)
         else:
             h = damp(h, group["damping"], gen)
         # a pair that overflows (e.g. gradients of 1e30) gets step 0 inside the rule: Q stays finite
@@ -430,16 +438,6 @@ class Kron(torch.optim.Optimizer):
             beta_L=group["beta_L"],
             generator=gen,
         )
-
-    @staticmethod
-    def _data_init(group: dict, Q: list[Tensor], h: Tensor, v: Tensor | None) -> None:
-        damping = 1e-9 if group["damping"] is None else group["damping"]
-        s = factors.data_init_scale(h, v, max(damping, 1e-30))  # finite even for h = 0
-        if group["geometry"] in geo.FITS_P:
-            s = s * s
-        s = s.pow(1.0 / max(len(Q), 1))
-        for q in Q:
-            q.mul_(s.to(q.real.dtype))
 
     # ------------------------------------------------------------------ non-finite gradients
     def _finite(self, items: list, hvs: dict) -> list[bool]:

@@ -25,11 +25,18 @@ def damp(h: Tensor, damping: float, generator: torch.Generator | None = None) ->
     return h + (damping + eps * h.abs()) * randn_like(h, generator)
 
 
+SQRT_EPS_F32 = torch.finfo(torch.float32).eps ** 0.5
+
+
+def kron_torch_damp(h: Tensor, v: Tensor) -> Tensor:
+    """kron-torch's damping: ``h + sqrt(eps_f32)·mean|h|·v`` with the pair's own ``v``."""
+    return torch.addcmul(h, v, SQRT_EPS_F32 * h.abs().mean())
+
+
 def kron_torch_pair(m: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """kron-torch's whitening pair: ``v ~ N(0, I)``, ``h = m + sqrt(eps_f32)·mean|m|·v``."""
     v = randn_like(m, generator)
-    eps = torch.finfo(torch.float32).eps
-    return v, m + (eps**0.5) * m.abs().mean() * v
+    return v, kron_torch_damp(m, v)
 
 
 def hvp_autograd(

@@ -158,9 +158,7 @@ class KronPreconditioner:
         if v is not None:
             v = self._check("v", v)
         if not self._initialised:
-            s = factors.data_init_scale(h, v, self.damping)
-            for q in self.Q:
-                q.mul_(self._scale(s).pow(1.0 / max(len(self.Q), 1)).to(q.real.dtype))
+            factors.scale_to_data(self.Q, h, v, self.damping, self.fits_p)
             self._initialised = True
         if self.damping > 0:
             h = damp(h, self.damping, self.generator)
