@@ -26,11 +26,16 @@ def damp(h: Tensor, damping: float, generator: torch.Generator | None = None) ->
 
 
 SQRT_EPS_F32 = torch.finfo(torch.float32).eps ** 0.5
+# The floor of kron-torch's relative damping. With h = 0 (a gradient that is zero for many steps)
+# the relative term vanishes, nothing balances T2 and Q grows by ~(1 + lr) per update until it
+# overflows. Floored, P settles near 1/KRON_DAMP_FLOOR, T1 stays above float32's underflow, and
+# any mean|h| above 3e-17 (every real gradient) gives exactly kron-torch's pair.
+KRON_DAMP_FLOOR = 1e-20
 
 
 def kron_torch_damp(h: Tensor, v: Tensor) -> Tensor:
-    """kron-torch's damping: ``h + sqrt(eps_f32)·mean|h|·v`` with the pair's own ``v``."""
-    return torch.addcmul(h, v, SQRT_EPS_F32 * h.abs().mean())
+    """kron-torch's damping: ``h + max(sqrt(eps_f32)·mean|h|, 1e-20)·v`` with the pair's ``v``."""
+    return torch.addcmul(h, v, (SQRT_EPS_F32 * h.abs().mean()).clamp(min=KRON_DAMP_FLOOR))
 
 
 def kron_torch_pair(m: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
