@@ -1,6 +1,6 @@
 """A small training job run in its own process by tests/test_optim.py (exact resume).
 
-    python _train_job.py OUT STEPS [--resume CKPT] [--save-at N CKPT]
+    python _train_job.py OUT STEPS [--resume CKPT] [--save-at N CKPT] [--every K CKPT [SLEEP]]
 
 Trains a model with every kind of parameter shape on a fixed data stream with ``psgd_lab.Kron``
 and a fast-annealing schedule (so the update counter, the balancing RNG and the ``v`` generator
@@ -11,7 +11,9 @@ writes the final parameters to ``OUT``.
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 
 import torch
 
@@ -69,16 +71,21 @@ def main(argv):
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
         start = ck["t"]
+    every, pause = None, 0.0
     if "--save-at" in argv:
         i = argv.index("--save-at")
         save_at, ckpt = int(argv[i + 1]), argv[i + 2]
+    if "--every" in argv:  # checkpoint every K steps, atomically, pausing between steps
+        i = argv.index("--every")
+        every, ckpt = int(argv[i + 1]), argv[i + 2]
+        pause = float(argv[i + 3]) if len(argv) > i + 3 else 0.0
     for t in range(start, steps):
-        if t == save_at:
-            torch.save(
-                {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                 "t": t},
-                ckpt,
-            )  # fmt: skip
+        if t == save_at or (every and t > start and t % every == 0):
+            state = {"model": model.state_dict(), "opt": opt.state_dict(),
+                     "sched": sched.state_dict(), "t": t}  # fmt: skip
+            torch.save(state, ckpt + ".tmp")
+            os.replace(ckpt + ".tmp", ckpt)
+        time.sleep(pause)
         x, y = batch(t)
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()

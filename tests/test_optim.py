@@ -421,6 +421,35 @@ def test_exact_resume_in_a_new_process(tmp_path):
     assert extra["prob_step"] == 17 and "cpu" in extra["generators"]
 
 
+def test_sigkill_after_a_checkpoint_then_resume_matches(tmp_path):
+    """A job checkpointing every 5 steps is killed with SIGKILL at a random step; resuming from
+    its last checkpoint in a new process ends bit-identical to the uninterrupted run."""
+    import random as pyrandom
+    import signal
+    import time
+
+    job = str(HERE / "_train_job.py")
+    full, resumed, ckpt = tmp_path / "full.pt", tmp_path / "resumed.pt", tmp_path / "ck.pt"
+    subprocess.run([sys.executable, job, str(full), "40"], check=True)
+    kill_after = pyrandom.Random().randint(11, 30)  # a step after at least two checkpoints
+    proc = subprocess.Popen(
+        [sys.executable, job, str(tmp_path / "never.pt"), "40", "--every", "5", str(ckpt), "0.2"]
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ckpt.exists() and torch.load(ckpt, weights_only=True)["t"] >= kill_after // 5 * 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (tmp_path / "never.pt").exists()
+    saved_at = torch.load(ckpt, weights_only=True)["t"]
+    assert 10 <= saved_at < 40
+    subprocess.run([sys.executable, job, str(resumed), "40", "--resume", str(ckpt)], check=True)
+    a, b = torch.load(full), torch.load(resumed)
+    assert all(torch.equal(x, y) for x, y in zip(a, b)), saved_at
+
+
 def test_state_dict_holds_everything_and_round_trips_dtypes():
     p = torch.nn.Parameter(torch.randn(6, 5, dtype=torch.bfloat16))
     opt = Kron([p], mu_dtype=torch.float32, precond_dtype=torch.float64)
