@@ -24,8 +24,12 @@ def init_factors(
     scale: float | Tensor = 1.0,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    fits_p: bool = False,
 ) -> list[Tensor]:
-    """``Q = scale · I``: each of the ``k`` factors gets ``scale**(1/k)`` (MATH.md §4)."""
+    """``Q = scale · I``: each of the ``k`` factors gets ``scale**(1/k)`` (MATH.md §4); factors of
+    ``P`` itself (``fits_p``: ``PRO4P``, ``QUAD4P``) start at ``scale²`` so that ``P`` does too."""
+    if fits_p:
+        scale = scale * scale
     if not plan.shape:
         return [torch.full((), float(scale), dtype=dtype, device=device)]
     s = scale ** (1.0 / len(plan.shape))
@@ -77,8 +81,11 @@ def apply_qh(Q: Sequence[Tensor], X: Tensor, plan: KronPlan) -> Tensor:
     return plan.apply_q(*[q.conj() if q.dim() < 2 else q.mH for q in Q], X)
 
 
-def apply_p(Q: Sequence[Tensor], X: Tensor, plan: KronPlan) -> Tensor:
-    """``P X = Qᴴ (Q X)`` in one contraction."""
+def apply_p(Q: Sequence[Tensor], X: Tensor, plan: KronPlan, fits_p: bool = False) -> Tensor:
+    """``P X = Qᴴ (Q X)`` in one contraction; ``fits_p``: the factors are factors of ``P`` itself
+    (``PRO4P``, ``QUAD4P``), so ``P X = Q X``."""
+    if fits_p:
+        return apply_q(Q, X, plan)
     return plan.apply_p(*_conj_all(Q), *Q, X)
 
 
@@ -141,12 +148,6 @@ def balance(Q: list[Tensor]) -> list[Tensor]:
     return Q
 
 
-def factor_p(q: Tensor, fits_p: bool = False) -> Tensor:
-    """The dense ``P_i`` of one factor: ``Q_iᴴ Q_i`` (or ``Q_i`` itself when ``P`` is fitted)."""
-    M = torch.diag(q) if q.dim() == 1 else (q.reshape(1, 1) if q.dim() == 0 else q)
-    return M if fits_p else M.mH @ M
-
-
 def factor_p_compact(q: Tensor, triangular: bool = False) -> Tensor:
     """``P_i = Q_iᴴ Q_i`` in the factor's own storage: ``(d, d)`` dense, ``(d,)`` or ``()`` as
     ``|q|²``. ``apply_q`` with these factors applies ``P`` (each ``P_i`` is Hermitian).
@@ -154,6 +155,12 @@ def factor_p_compact(q: Tensor, triangular: bool = False) -> Tensor:
     if q.dim() == 2:
         return triu_gram(q) if triangular else q.mH @ q
     return q.conj() * q
+
+
+def factor_p(q: Tensor, fits_p: bool = False) -> Tensor:
+    """The dense ``P_i`` of one factor: ``Q_iᴴ Q_i`` (or ``Q_i`` itself when ``P`` is fitted)."""
+    P = q if fits_p else factor_p_compact(q)
+    return torch.diag(P) if P.dim() == 1 else (P.reshape(1, 1) if P.dim() == 0 else P)
 
 
 def kron_matrix(factors: Sequence[Tensor]) -> Tensor:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .factors import apply_one, apply_p, apply_q, apply_q_triangular, balance, gram_self, solve_qh
+from .factors import apply_one, apply_p, apply_q_triangular, balance, gram_self, solve_qh
 from .linalg import hermitian_defect, norm_lower_bound, procrustes_step, triu_matmul
 from .structure import KronPlan
 
@@ -103,7 +103,7 @@ def _lr_over_L(T1, T2, L_i, q, lr, lipschitz, beta_L, norm_bound, generator) -> 
 
 def _grams(Q, v, h, plan, fits_p: bool):
     """``T1 = gram_i(Ph, Ph)``, ``T2 = gram_i(v, v)`` or ``numel/d_i`` for every factor."""
-    Ph = apply_q(Q, h, plan) if fits_p else apply_p(Q, h, plan)
+    Ph = apply_p(Q, h, plan, fits_p)
     for i in range(len(Q)):
         T2 = gram_self(i, v, plan) if v is not None else _c(plan, i)
         yield i, gram_self(i, Ph, plan), T2

@@ -174,7 +174,6 @@ class Kron(torch.optim.Optimizer):
         self.precond_cache = precond_cache
         self._cache: dict[Tensor, list[Tensor]] = {}  # p -> P_i factors (not in state_dict)
         self._counters: list[int] = []
-        self._probs: list[float] = []  # each group's update probability this step
         super().__init__(params, defaults)
         self._prob_step = 0  # step() calls so far: the schedule's n
         self._rng = random.Random(seed)  # balancing decisions, as kron-torch's Random(42)
@@ -182,7 +181,7 @@ class Kron(torch.optim.Optimizer):
         self._generator_states: dict[str, Tensor] = {}  # loaded, applied when first used
         self.nonfinite_count = 0  # parameter-steps skipped for a non-finite gradient
         self._warned_nonfinite = False
-        self._plans: dict[int, tuple[tuple[int, ...], KronPlan]] = {}
+        self._plans: dict[int, tuple[tuple, KronPlan]] = {}
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict) -> None:
@@ -199,11 +198,11 @@ class Kron(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
         self._counters.append(0)
-        self._probs.append(1.0)
 
     # ------------------------------------------------------------------ structure
-    def _structure(self, p: Tensor, group: dict) -> tuple[tuple[int, ...], KronPlan]:
-        """``(factor_shape, plan)`` for ``p`` under ``group``'s settings (cached per parameter)."""
+    def _structure(self, p: Tensor, group: dict) -> KronPlan:
+        """The contraction plan of ``p`` under ``group``'s settings (cached per parameter); its
+        ``shape`` is the factor shape (kron-torch's merged shape with ``merge_dims``)."""
         key = (
             tuple(p.shape),
             group["merge_dims"],
@@ -224,9 +223,9 @@ class Kron(torch.optim.Optimizer):
             group["memory_save_mode"],
             group["max_skew"],
         )
-        out = (fshape, make_plan(fshape, diag))
-        self._plans[id(p)] = (key, out)
-        return out
+        plan = make_plan(fshape, diag)
+        self._plans[id(p)] = (key, plan)
+        return plan
 
     def describe(self) -> list[ParamInfo]:
         """Per parameter: its factor shapes, which dims are diagonal, and the bytes of momentum
@@ -234,7 +233,7 @@ class Kron(torch.optim.Optimizer):
         out = []
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
-                fshape, plan = self._structure(p, group)
+                plan = self._structure(p, group)
                 mu = group["mu_dtype"] or p.dtype
                 pd = _precond_dtype(group, p)
                 shapes = tuple(tuple(s) for s in plan.factor_shapes())
@@ -243,7 +242,7 @@ class Kron(torch.optim.Optimizer):
                         group=gi,
                         index=pi,
                         shape=tuple(p.shape),
-                        factor_shape=fshape,
+                        factor_shape=plan.shape,
                         diag=plan.diag,
                         factor_shapes=shapes,
                         momentum_bytes=p.numel() * _itemsize(mu),
@@ -278,10 +277,9 @@ class Kron(torch.optim.Optimizer):
         products (issue 6 measures it)."""
         n = self._prob_step
         decisions = [self._decide(gi, group, n) for gi, group in enumerate(self.param_groups)]
-        updates = [do for do, _ in decisions]
         items = [
-            (p, gi, group, upd)
-            for gi, (group, upd) in enumerate(zip(self.param_groups, updates))
+            (p, group, do, prob)
+            for group, (do, _, prob) in zip(self.param_groups, decisions)
             for p in group["params"]
             if p.numel() > 0 and (p.requires_grad if self.mode == "newton" else p.grad is not None)
         ]
@@ -296,24 +294,23 @@ class Kron(torch.optim.Optimizer):
                 raise RuntimeError("Kron does not support sparse gradients; use dense gradients")
         finite = self._finite(items, hvs)
         # nothing raised: commit the schedule's state (a failed step() leaves it untouched)
-        for gi, (_, counter) in enumerate(decisions):
-            self._counters[gi] = counter
+        self._counters = [counter for _, counter, _ in decisions]
         self._prob_step += 1
         balance = self._rng.random() < 0.01  # drawn every step, as kron-torch does
 
-        for (p, gi, group, do_update), ok in zip(items, finite):
+        for (p, group, do_update, prob), ok in zip(items, finite):
             if not ok:
                 continue
             state = self.state[p]
-            fshape, plan = self._structure(p, group)
+            plan = self._structure(p, group)
             if len(state) == 0:
                 self._init_state(p, group, plan, state)
             state["step"] += 1
-            self._step_param(p, gi, group, plan, fshape, state, do_update, balance, hvs.get(p))
+            self._step_param(p, group, plan, state, do_update, prob, balance, hvs.get(p))
         return loss
 
-    def _decide(self, gi: int, group: dict, n: int) -> tuple[bool, int]:
-        """The group's deterministic update decision and its next counter: update when
+    def _decide(self, gi: int, group: dict, n: int) -> tuple[bool, int, float]:
+        """The group's deterministic update decision, its next counter and ``prob(n)``: update when
         ``counter + 1 >= 1/prob(n)`` (MATH.md §5). kron-torch's arithmetic: a callable gets ``n``
         as a float32 tensor, and a tensor probability is inverted in its own dtype."""
         prob = group["preconditioner_update_probability"]
@@ -326,23 +323,25 @@ class Kron(torch.optim.Optimizer):
                 f"{value!r} at step {n}"
             )
         inverse = float(1 / prob) if isinstance(prob, Tensor) else 1 / value
-        prob = value
-        self._probs[gi] = prob
         counter = self._counters[gi] + 1
-        return (True, 0) if counter >= inverse else (False, counter)
+        return (True, 0, value) if counter >= inverse else (False, counter, value)
 
     def _init_state(self, p: Tensor, group: dict, plan: KronPlan, state: dict) -> None:
-        pd = _precond_dtype(group, p)
         scale = group["precond_init_scale"]
-        if group["geometry"] in geo.FITS_P and scale is not None:
-            scale = scale * scale
         state["step"] = 0
         state["momentum_buffer"] = torch.zeros_like(p, dtype=group["mu_dtype"] or p.dtype)
-        state["Q"] = factors.init_factors(plan, 1.0 if scale is None else scale, pd, p.device)
+        state["Q"] = factors.init_factors(
+            plan,
+            1.0 if scale is None else scale,
+            _precond_dtype(group, p),
+            p.device,
+            group["geometry"] in geo.FITS_P,
+        )
         state["initialised"] = scale is not None
 
-    def _step_param(self, p, gi, group, plan, fshape, state, do_update, balance, hv) -> None:
+    def _step_param(self, p, group, plan, state, do_update, prob, balance, hv) -> None:
         b1 = group["b1"]
+        fshape = plan.shape
         pd = state["Q"][0].dtype
         grad = p.grad
         m = state["momentum_buffer"]
@@ -363,14 +362,14 @@ class Kron(torch.optim.Optimizer):
         # MATH.md §5.4-5: u = P m̂ clipped to RMS 1.1, plus weight decay, θ <- θ − lr·u. P is
         # linear, so P m̂ = (P m)/debias: the debias and the clip fold into one scale, and the
         # step is one fused pass over θ (no host sync: the scale stays a tensor).
-        Pm = self._precondition(p, gi, group, plan, Q, m_view, changed=do_update)
+        Pm = self._precondition(p, group, plan, Q, m_view, prob, changed=do_update)
         rms = torch.linalg.vector_norm(Pm) / (math.sqrt(max(Pm.numel(), 1)) * debias)
         scale = torch.clamp(1.1 / (rms + 1e-12), max=1.0) / debias
         if group["weight_decay"] != 0 and p.dim() >= 2:
             p.mul_(1 - group["lr"] * group["weight_decay"])
         p.addcmul_(Pm.reshape(p.shape), scale.to(Pm.real.dtype), value=-group["lr"])
 
-    def _precondition(self, p, gi, group, plan, Q, m_hat, changed: bool) -> Tensor:
+    def _precondition(self, p, group, plan, Q, m_hat, prob: float, changed: bool) -> Tensor:
         """``u = P m̂`` along every axis: from the cached ``P_i`` where it pays, else ``Q_iᴴ Q_i``.
 
         Caching ``P_i`` costs one ``d_i³`` product after each update of ``Q`` and saves one
@@ -378,14 +377,13 @@ class Kron(torch.optim.Optimizer):
         ``prob · d_i² ≤ numel`` (``prob``: this step's update probability). ``PRO4P``/``QUAD4P``
         factors are factors of ``P`` already.
         """
-        if group["geometry"] in geo.FITS_P:
-            return factors.apply_q(Q, m_hat, plan)
-        if not self.precond_cache:
-            return factors.apply_p(Q, m_hat, plan)
+        fits_p = group["geometry"] in geo.FITS_P
+        if fits_p or not self.precond_cache:
+            return factors.apply_p(Q, m_hat, plan, fits_p)
         P = self._cache.setdefault(p, [None] * len(Q))
         if changed:
             P[:] = [None] * len(Q)
-        numel, prob = max(plan.numel, 1), self._probs[gi]
+        numel = max(plan.numel, 1)
         first, twice = [], []
         for i, q in enumerate(Q):
             if q.dim() < 2 or prob * q.shape[0] ** 2 <= numel:
@@ -406,10 +404,12 @@ class Kron(torch.optim.Optimizer):
         gen = self._gen(h.device)
         Q = state["Q"]
         # L carries over between updates only for the EMA; kron-torch's L = ℓ is scratch
-        real = torch.promote_types(Q[0].real.dtype, torch.float32)
-        L = [torch.zeros((), dtype=real, device=h.device) for _ in Q]
-        if group["lipschitz"] == "ema":
-            L = state.setdefault("L", L)
+        L = state.get("L")
+        if L is None:
+            real = torch.promote_types(Q[0].real.dtype, torch.float32)
+            L = [torch.zeros((), dtype=real, device=h.device) for _ in Q]
+            if group["lipschitz"] == "ema":
+                state["L"] = L
         if v is None:  # whitening: v ~ N(0, I), integrated out by rules that allow it
             v = randn_like(h, gen)
             v_rule = v if group["geometry"] in geo.NEEDS_V else None
@@ -486,7 +486,7 @@ class Kron(torch.optim.Optimizer):
                 "returns the loss (without calling backward())"
             )
         params = [p for p, *_ in items]
-        upd = [p for p, _, _, do in items if do]
+        upd = [p for p, _, do, _ in items if do]
         with torch.enable_grad():
             loss = _call_closure(closure)
             if not isinstance(loss, Tensor) or not loss.requires_grad:
@@ -593,7 +593,7 @@ class Kron(torch.optim.Optimizer):
                 "of the dtype it was saved with"
             )
         pd = _precond_dtype(group, p)
-        _, plan = self._structure(p, group)
+        plan = self._structure(p, group)
         shapes = [tuple(q.shape) for q in st["Q"]]
         if shapes != [tuple(s) for s in plan.factor_shapes()] or any(
             q.dtype != pd for q in st["Q"]

@@ -108,7 +108,7 @@ class KronPreconditioner:
         else:
             self.generator.seed()
         scale = 1.0 if init_scale is None else init_scale
-        self.Q = factors.init_factors(self.plan, self._scale(scale), dtype, device)
+        self.Q = factors.init_factors(self.plan, scale, dtype, device, self.fits_p)
         self.L = [torch.zeros((), dtype=_real_dtype(dtype), device=device) for _ in self.Q]
         self._initialised = init_scale is not None
         self.num_updates = 0
@@ -132,9 +132,6 @@ class KronPreconditioner:
     def fits_p(self) -> bool:
         """True when the factors are factors of ``P`` itself (``PRO4P``, ``QUAD4P``)."""
         return self.geometry in geo.FITS_P
-
-    def _scale(self, s):
-        return s * s if self.fits_p else s
 
     # ------------------------------------------------------------------ maths
     def _check(self, name: str, x: Tensor) -> Tensor:
@@ -179,11 +176,7 @@ class KronPreconditioner:
     def precondition(self, g: Tensor) -> Tensor:
         """``P g``, same shape as ``g`` (its dtype is kept)."""
         x = self._check("g", g)
-        out = (
-            factors.apply_q(self.Q, x, self.plan)
-            if self.fits_p
-            else factors.apply_p(self.Q, x, self.plan)
-        )
+        out = factors.apply_p(self.Q, x, self.plan, self.fits_p)
         return out.reshape(self.shape).to(g.dtype)
 
     def balance(self) -> None:
