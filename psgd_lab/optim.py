@@ -25,6 +25,7 @@ from itertools import chain
 import torch
 from torch import Tensor
 
+from . import distributed as dist_
 from . import factors
 from . import geometry as geo
 from .pairs import (
@@ -57,6 +58,7 @@ class ParamInfo:
     momentum_bytes: int
     precond_bytes: int
     cache_bytes: int  # the cached P_i (0 with precond_cache=False or for PRO4P/QUAD4P)
+    owner: int = 0  # the rank that keeps this parameter's state (distributed="shard")
 
 
 class Kron(torch.optim.Optimizer):
@@ -88,7 +90,9 @@ class Kron(torch.optim.Optimizer):
         geometry: the Lie-group update rule, one of ``psgd_lab.GEOMETRIES``.
         mode: ``"whiten"`` fits ``P`` to the gradients (kron-torch); ``"newton"`` fits it to
             Hessian-vector products: ``step(closure)`` is required, and the closure must return
-            the loss without calling ``backward()`` (the optimiser differentiates it).
+            the loss without calling ``backward()`` (the optimiser differentiates it). Under an
+            initialised process group the gradient and ``Hv`` are averaged over
+            ``process_group`` (DDP's hooks do not see the optimiser's own differentiation).
         hvp: Newton mode's ``Hv``: ``"autograd"`` (exact; one double backward, about 2x a
             backward, only on steps that update ``P``) or ``"finite_difference"`` (one extra
             forward and backward at ``θ + δv``, ``δ = sqrt(eps)``; no second derivatives).
@@ -107,6 +111,20 @@ class Kron(torch.optim.Optimizer):
         nonfinite: ``"skip"`` leaves a parameter, its momentum and its preconditioner untouched
             on a step whose gradient (or ``Hv``) has a NaN/Inf, counts it and warns once;
             ``"raise"`` raises ``FloatingPointError``. The check costs one host sync per step.
+        distributed: ``None``: every rank runs the whole step (DDP averages the gradients, the
+            shared ``seed`` and the deterministic schedule keep the ranks identical).
+            ``"shard"``: each parameter gets one owner rank, balanced by cost, that keeps its
+            momentum and ``Q`` and computes its update; the new values are broadcast from the
+            owners. Equal to the ``None`` run up to the gradients' round-off; needs an
+            initialised process group; ``state_dict()`` becomes a collective that gathers the
+            whole state (a checkpoint loads into any world size, or one process).
+        process_group: the group of ``distributed="shard"`` and of Newton mode's averaging
+            (default: the world).
+
+    FSDP2 parameters (DTensors) are preconditioned whole: their gradients are gathered
+    (``full_tensor()``), ``Q`` and the momentum are kept for the full tensor, and each rank
+    applies its own shard of the update, so the run equals a single-process run. With
+    ``distributed="shard"`` only the owner keeps that state and computes the update.
     """
 
     def __init__(
@@ -136,6 +154,8 @@ class Kron(torch.optim.Optimizer):
         seed: int = 42,
         nonfinite: str = "skip",
         precond_cache: bool = True,
+        distributed: str | None = None,
+        process_group=None,
     ):
         if preconditioner_update_probability is None:
             preconditioner_update_probability = precond_update_prob_schedule()
@@ -146,6 +166,9 @@ class Kron(torch.optim.Optimizer):
             raise ValueError(f"seed must be an int; got {seed!r}")
         if not isinstance(precond_cache, bool):
             raise ValueError(f"precond_cache must be True or False; got {precond_cache!r}")
+        _check_choice("distributed", distributed, dist_.DISTRIBUTED)
+        if distributed is not None:
+            dist_.require_process_group(distributed)
         defaults = dict(
             lr=lr,
             b1=b1,
@@ -172,6 +195,10 @@ class Kron(torch.optim.Optimizer):
         self.seed = seed
         self.nonfinite = nonfinite
         self.precond_cache = precond_cache
+        self.distributed = distributed
+        self.process_group = process_group
+        self._owner: dict[Tensor, int] = {}  # p -> owner rank (distributed="shard")
+        self._layout_checked = False
         self._cache: dict[Tensor, list[Tensor]] = {}  # p -> P_i factors (not in state_dict)
         self._counters: list[int] = []
         super().__init__(params, defaults)
@@ -198,6 +225,7 @@ class Kron(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
         self._counters.append(0)
+        self._owner, self._layout_checked = {}, False  # ownership is re-balanced, re-checked
 
     # ------------------------------------------------------------------ structure
     def _structure(self, p: Tensor, group: dict) -> KronPlan:
@@ -248,9 +276,38 @@ class Kron(torch.optim.Optimizer):
                         momentum_bytes=p.numel() * _itemsize(mu),
                         precond_bytes=sum(math.prod(s) for s in shapes) * _itemsize(pd),
                         cache_bytes=sum(x.nbytes for x in self._cache.get(p, ()) if x is not None),
+                        owner=self._owners().get(p, 0),
                     )
                 )
         return out
+
+    # ------------------------------------------------------------------ distributed
+    def _owners(self) -> dict[Tensor, int]:
+        """``p -> owner rank`` under ``distributed="shard"`` (every rank computes the same
+        assignment from the same costs); empty otherwise."""
+        if self.distributed != "shard" or self._owner:
+            return self._owner
+        params = [(p, g) for g in self.param_groups for p in g["params"]]
+        costs = [dist_.step_cost(self._structure(p, g)) for p, g in params]
+        size = dist_.rank_and_size(self.process_group)[1]
+        owners = dist_.assign_owners(costs, size)
+        self._owner = {p: r for (p, _), r in zip(params, owners)}
+        return self._owner
+
+    def _check_layout(self) -> None:
+        """Once (and after ``add_param_group``): every rank has the same parameters and seed."""
+        if self.distributed is None or self._layout_checked:
+            return
+        layout = [[(tuple(p.shape), str(p.dtype)) for p in g["params"]] for g in self.param_groups]
+        dist_.check_same_layout([layout, f"seed={self.seed}"], self.process_group)
+        self._layout_checked = True
+
+    def _skip_draws(self, p: Tensor, group: dict, plan: KronPlan, newton: bool) -> None:
+        """Draw what the owner's ``_fit`` draws for ``p``, and drop it: the generator stays in
+        step with the owner's, so the sharded run equals the replicated one."""
+        like = torch.empty(plan.shape, dtype=_precond_dtype(group, p), device=p.device)
+        for _ in range((not newton) + (group["damping"] is not None)):
+            randn_like(like, self._gen(p.device))
 
     # ------------------------------------------------------------------ randomness
     def _gen(self, device: torch.device) -> torch.Generator:
@@ -292,22 +349,69 @@ class Kron(torch.optim.Optimizer):
         for p, *_ in items:
             if p.grad.is_sparse:
                 raise RuntimeError("Kron does not support sparse gradients; use dense gradients")
-        finite = self._finite(items, hvs)
+        self._check_layout()
+        grads = [dist_.full(p.grad) for p, *_ in items]  # FSDP2: gathered (a collective)
+        finite = self._finite(grads, [hvs.get(p) for p, *_ in items])
         # nothing raised: commit the schedule's state (a failed step() leaves it untouched)
         self._counters = [counter for _, counter, _ in decisions]
         self._prob_step += 1
         balance = self._rng.random() < 0.01  # drawn every step, as kron-torch does
 
-        for (p, group, do_update, prob), ok in zip(items, finite):
+        owners = self._owners()
+        rank = dist_.rank_and_size(self.process_group)[0] if owners else 0
+        replicated, sharded = [], []  # distributed="shard": what travels from the owners
+        for (p, group, do_update, prob), grad, ok in zip(items, grads, finite):
             if not ok:
                 continue
-            state = self.state[p]
             plan = self._structure(p, group)
-            if len(state) == 0:
-                self._init_state(p, group, plan, state)
-            state["step"] += 1
-            self._step_param(p, group, plan, state, do_update, prob, balance, hvs.get(p))
+            owner = owners.get(p, rank)
+            update = None
+            if owner == rank:
+                state = self.state[p]
+                if len(state) == 0:
+                    self._init_state(p, group, plan, state)
+                state["step"] += 1
+                update = self._step_param(
+                    p, grad, group, plan, state, do_update, prob, balance, hvs.get(p)
+                )
+            elif do_update:
+                self._skip_draws(p, group, plan, newton=p in hvs)
+            if not dist_.is_dtensor(p):
+                if update is not None:
+                    _apply_update(p, p.dim(), group, *update)
+                if owners:
+                    replicated.append((p, owner))
+            elif owners:
+                sharded.append((p, group, owner, update))
+            else:  # every rank has the whole update: apply its own shard
+                Pm, scale = update
+                local = dist_.local_part(Pm.reshape(p.shape), p)
+                _apply_update(p.to_local(), p.dim(), group, local, scale)
+        if owners:
+            self._exchange(replicated, sharded, rank)
         return loss
+
+    def _exchange(self, replicated: list, sharded: list, rank: int) -> None:
+        """``distributed="shard"``: every rank gets the owners' results. Replicated parameters
+        are broadcast whole; a DTensor's owner scatters its update ``P m̂`` and the clip scale
+        (an exact sum: the other ranks add 0), and each rank applies its own shard."""
+        group_ = self.process_group
+        dist_.broadcast_from_owners([p for p, _ in replicated], [r for _, r in replicated], group_)
+        if not sharded:
+            return
+        scales = torch.zeros(len(sharded), dtype=torch.float64, device=sharded[0][0].device)
+        for j, (*_, update) in enumerate(sharded):
+            if update is not None:
+                scales[j] = update[1].to(torch.float64)
+        dist_.all_sum(scales, group_)
+        for j, (p, group, owner, update) in enumerate(sharded):
+            if update is None:
+                pd = _precond_dtype(group, p)
+                whole = torch.empty(p.shape, dtype=pd, device=p.to_local().device)
+            else:
+                whole = update[0].reshape(p.shape)
+            local = dist_.local_part(whole, p, src=owner)
+            _apply_update(p.to_local(), p.dim(), group, local, scales[j].to(local.real.dtype))
 
     def _decide(self, gi: int, group: dict, n: int) -> tuple[bool, int, float]:
         """The group's deterministic update decision, its next counter and ``prob(n)``: update when
@@ -329,7 +433,8 @@ class Kron(torch.optim.Optimizer):
     def _init_state(self, p: Tensor, group: dict, plan: KronPlan, state: dict) -> None:
         scale = group["precond_init_scale"]
         state["step"] = 0
-        state["momentum_buffer"] = torch.zeros_like(p, dtype=group["mu_dtype"] or p.dtype)
+        mu = group["mu_dtype"] or p.dtype  # the whole tensor's, also for an FSDP2 shard
+        state["momentum_buffer"] = torch.zeros(p.shape, dtype=mu, device=p.device)
         state["Q"] = factors.init_factors(
             plan,
             1.0 if scale is None else scale,
@@ -339,11 +444,12 @@ class Kron(torch.optim.Optimizer):
         )
         state["initialised"] = scale is not None
 
-    def _step_param(self, p, group, plan, state, do_update, prob, balance, hv) -> None:
+    def _step_param(self, p, grad, group, plan, state, do_update, prob, balance, hv):
+        """Momentum, one preconditioner update if ``do_update``, and ``(P m, scale)``: the step
+        is ``θ ← θ − lr·scale·P m`` (``_apply_update``). ``grad`` is the whole gradient."""
         b1 = group["b1"]
         fshape = plan.shape
         pd = state["Q"][0].dtype
-        grad = p.grad
         m = state["momentum_buffer"]
         m.lerp_(grad.to(m.dtype), 1 - b1)  # MATH.md §5.1: m <- b1·m + (1 − b1)·g, one pass
         debias = 1 - b1 ** state["step"]
@@ -365,9 +471,7 @@ class Kron(torch.optim.Optimizer):
         Pm = self._precondition(p, group, plan, Q, m_view, prob, changed=do_update)
         rms = torch.linalg.vector_norm(Pm) / (math.sqrt(max(Pm.numel(), 1)) * debias)
         scale = torch.clamp(1.1 / (rms + 1e-12), max=1.0) / debias
-        if group["weight_decay"] != 0 and p.dim() >= 2:
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.addcmul_(Pm.reshape(p.shape), scale.to(Pm.real.dtype), value=-group["lr"])
+        return Pm, scale.to(Pm.real.dtype)
 
     def _precondition(self, p, group, plan, Q, m_hat, prob: float, changed: bool) -> Tensor:
         """``u = P m̂`` along every axis: from the cached ``P_i`` where it pays, else ``Q_iᴴ Q_i``.
@@ -440,19 +544,19 @@ class Kron(torch.optim.Optimizer):
         )
 
     # ------------------------------------------------------------------ non-finite gradients
-    def _finite(self, items: list, hvs: dict) -> list[bool]:
-        """One flag per item: its gradient (and ``Hv``) is finite. One host sync for all."""
-        if not items:
+    def _finite(self, grads: list[Tensor], hvs) -> list[bool]:
+        """One flag per gradient: it (and its ``(v, Hv)`` pair, if any) is finite. One host sync
+        for all."""
+        if not grads:
             return []
         flags = []
-        for p, *_ in items:  # NaN propagates through min/max; ±inf shows in them: one pass
-            g = p.grad
+        for g, hv in zip(grads, hvs):  # NaN propagates through min/max; ±inf shows: one pass
             if g.is_complex():
                 f = torch.isfinite(g).all()
             else:
                 f = torch.isfinite(torch.stack(torch.aminmax(g.reshape(-1)))).all()
-            if p in hvs:
-                f = f & torch.isfinite(hvs[p][1]).all()
+            if hv is not None:
+                f = f & torch.isfinite(hv[1]).all()
             flags.append(f)
         dev = flags[0].device
         finite = torch.stack([f.to(dev) for f in flags]).tolist()
@@ -486,6 +590,12 @@ class Kron(torch.optim.Optimizer):
                 "returns the loss (without calling backward())"
             )
         params = [p for p, *_ in items]
+        if any(dist_.is_dtensor(p) for p in params):
+            raise NotImplementedError(
+                "Kron(mode='newton') does not support FSDP2 (DTensor) parameters: FSDP2 "
+                "reduces gradients in backward() hooks, which the optimiser's own "
+                "autograd.grad/Hessian-vector products bypass. Use mode='whiten', or DDP"
+            )
         upd = [p for p, _, do, _ in items if do]
         with torch.enable_grad():
             loss = _call_closure(closure)
@@ -521,13 +631,25 @@ class Kron(torch.optim.Optimizer):
 
                     hv = hvp_finite_difference(grad_fn, upd, vs, [by_p[p].detach() for p in upd])
                 hvs = {p: (v, x.detach()) for p, v, x in zip(upd, vs, hv)}
+        grads = [g.detach() for g in grads]
+        # data parallel: DDP's hooks do not see autograd.grad, so average g and Hv here (the
+        # ranks drew the same v from the shared seed, so the mean Hv is the mean loss's)
+        dist_.average([*grads, *(x for _, x in hvs.values())], self.process_group)
         for p, g in zip(params, grads):
-            p.grad = g.detach()
+            p.grad = g
         return loss.detach(), hvs
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
+        """The whole state, also under ``distributed="shard"`` (then a collective: every rank
+        must call it; the owners' states are gathered to the CPU of every rank)."""
         sd = super().state_dict()
+        if self.distributed == "shard":
+            mine = {k: _copy_to(v, "cpu") for k, v in sd["state"].items() if v}
+            merged = {}
+            for part in dist_.gather_objects(mine, self.process_group):
+                merged.update(part)
+            sd["state"] = dict(sorted(merged.items()))
         sd[_EXTRA] = {
             "format": STATE_FORMAT,
             "prob_step": self._prob_step,
@@ -570,9 +692,14 @@ class Kron(torch.optim.Optimizer):
         super().load_state_dict(sd)
         # torch casts floating state to the parameter's dtype, which rounds a float32 Q of a
         # bf16 parameter: take the saved tensors themselves (copied, moved to the device)
+        owners = self._owners()
+        rank = dist_.rank_and_size(self.process_group)[0] if owners else 0
         for k, st in state_dict["state"].items():
             p = by_id[k][0]
-            self.state[p] = {key: _copy_to(v, p.device) for key, v in st.items()}
+            if owners.get(p, rank) == rank:  # distributed="shard": keep the owned share
+                self.state[p] = {key: _copy_to(v, p.device) for key, v in st.items()}
+            else:
+                self.state.pop(p, None)
         self._prob_step = int(extra["prob_step"])
         self._counters = [int(c) for c in extra["update_counters"]]
         self._rng.setstate(_as_rng_state(extra["rng"]))
@@ -605,6 +732,14 @@ class Kron(torch.optim.Optimizer):
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def _apply_update(target: Tensor, ndim: int, group: dict, Pm: Tensor, scale: Tensor) -> None:
+    """``θ ← (1 − lr·wd)·θ − lr·scale·P m`` in place (weight decay only for ``ndim ≥ 2``);
+    ``target`` is the parameter, or this rank's shard of it."""
+    if group["weight_decay"] != 0 and ndim >= 2:
+        target.mul_(1 - group["lr"] * group["weight_decay"])
+    target.addcmul_(Pm.reshape(target.shape), scale, value=-group["lr"])
 
 
 def _call_closure(closure: Callable | None):
@@ -693,6 +828,8 @@ def _copy_to(value, device):
         return value.to(device=device, copy=True)
     if isinstance(value, (list, tuple)):
         return type(value)(_copy_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _copy_to(v, device) for k, v in value.items()}
     return value
 
 

@@ -1,0 +1,178 @@
+"""What ``Kron`` needs from ``torch.distributed``: who owns which parameter, and moving the results.
+
+Data parallelism (DDP) needs nothing from here: the gradients arrive averaged and every rank runs
+the same deterministic step. ``Kron(distributed="shard")`` splits the step instead: each
+parameter has one owner rank (``assign_owners``, balanced by ``step_cost``) that keeps its
+momentum and ``Q`` and computes its update; the updated parameters then reach every rank by
+``broadcast_from_owners``. FSDP2 parameters are DTensors: ``full`` gathers a gradient,
+``local_part`` cuts a full update down to this rank's shard. All of it is ``torch.distributed``'s
+own collectives; nothing here is a communication layer of its own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .structure import KronPlan
+
+DISTRIBUTED = (None, "shard")
+
+
+def is_dtensor(t: Tensor) -> bool:
+    """True for a ``torch.distributed.tensor.DTensor`` (an FSDP2 parameter or gradient)."""
+    return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
+
+
+def rank_and_size(group=None) -> tuple[int, int]:
+    """This process's rank in ``group`` and the group's size; ``(0, 1)`` without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def require_process_group(option: str) -> None:
+    """``RuntimeError`` unless a default process group is initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"Kron(distributed={option!r}) splits the preconditioner work across the ranks of a "
+            "torch.distributed process group, and none is initialised: call "
+            "torch.distributed.init_process_group(...) first (torchrun sets the environment), or "
+            "pass distributed=None for a single process"
+        )
+
+
+def check_same_layout(layout: list, group=None) -> None:
+    """``ValueError`` naming the first rank whose parameter list differs from rank 0's.
+
+    ``layout`` is one rank's description of its parameter groups (shapes and dtypes); a
+    collective: every rank of ``group`` must call it."""
+    rank, size = rank_and_size(group)
+    if size == 1:
+        return
+    gathered: list = [None] * size
+    dist.all_gather_object(gathered, layout, group=group)
+    for r, other in enumerate(gathered):
+        if other != gathered[0]:
+            raise ValueError(
+                "the ranks disagree on the parameter list given to Kron: rank 0 has "
+                f"{_describe(gathered[0])}, rank {r} has {_describe(other)}. Every rank must build "
+                "the same model and pass its parameters in the same order"
+            )
+
+
+def _describe(layout: list) -> str:
+    n = sum(len(g) for g in layout)
+    return f"{len(layout)} group(s), {n} parameter(s) {layout}"
+
+
+def step_cost(plan: KronPlan) -> float:
+    """FLOPs of one preconditioner update and application for a tensor with ``plan``: each dense
+    factor of size ``d`` costs about ``d·numel`` per product (four of them) and ``d³`` (two)."""
+    n = max(plan.numel, 1)
+    cost = float(n)
+    for d, diag in zip(plan.shape, plan.diag):
+        cost += 4.0 * n if diag else 4.0 * d * n + 2.0 * d**3
+    return cost
+
+
+def assign_owners(costs: Sequence[float], size: int) -> list[int]:
+    """The owner rank of each item: greedy longest-processing-time first, ties to the lower
+    index and the lower rank, so every rank computes the same assignment."""
+    load = [0.0] * size
+    owners = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(size), key=lambda r: (load[r], r))
+        owners[i] = r
+        load[r] += costs[i]
+    return owners
+
+
+def full(t: Tensor) -> Tensor:
+    """The whole tensor: a DTensor gathered (a collective), anything else as it is."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def local_part(whole: Tensor, like: Tensor, src: int | None = None) -> Tensor:
+    """This rank's piece of ``whole`` laid out as the DTensor ``like``. ``src=None`` cuts it
+    locally (every rank holds ``whole``); a rank ``src`` scatters it from there (a collective)."""
+    out = torch.distributed.tensor.distribute_tensor(
+        whole, like.device_mesh, like.placements, src_data_rank=src
+    )
+    return out.to_local()
+
+
+def broadcast_from_owners(tensors: Sequence[Tensor], owners: Sequence[int], group=None) -> None:
+    """Give every rank the owner's values of each tensor, in place: one flat broadcast per owner
+    and dtype (``tensors`` and ``owners`` must agree on every rank)."""
+    rank, size = rank_and_size(group)
+    if size == 1:
+        return
+    buckets: dict[tuple[int, torch.dtype, torch.device], list[Tensor]] = {}
+    for t, r in zip(tensors, owners):
+        buckets.setdefault((r, t.dtype, t.device), []).append(t)
+    work = []
+    for (r, _, _), ts in buckets.items():
+        flat = torch.cat([t.reshape(-1) for t in ts]) if rank == r else _empty_like_all(ts)
+        src = r if group is None else dist.get_global_rank(group, r)
+        work.append((dist.broadcast(flat, src, group=group, async_op=True), flat, ts, r))
+    for handle, flat, ts, r in work:
+        handle.wait()
+        if rank != r:
+            offset = 0
+            for t in ts:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+
+def _empty_like_all(ts: Sequence[Tensor]) -> Tensor:
+    return torch.empty(sum(t.numel() for t in ts), dtype=ts[0].dtype, device=ts[0].device)
+
+
+def average(tensors: Sequence[Tensor], group=None) -> None:
+    """Each tensor replaced by its mean over the ranks, in place: one flat all-reduce per dtype
+    and device (a collective; nothing happens without a process group)."""
+    _, size = rank_and_size(group)
+    if size == 1 or not tensors:
+        return
+    buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    for t in tensors:
+        buckets.setdefault((t.dtype, t.device), []).append(t)
+    for ts in buckets.values():
+        flat = torch.cat([t.reshape(-1) for t in ts])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        flat /= size
+        offset = 0
+        for t in ts:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def gather_objects(obj, group=None) -> list:
+    """Every rank's ``obj`` (picklable; tensors should be on the CPU), in rank order."""
+    _, size = rank_and_size(group)
+    if size == 1:
+        return [obj]
+    out: list = [None] * size
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def all_sum(t: Tensor, group=None) -> Tensor:
+    """``t`` summed over the ranks, in place (exact when one rank holds the value, the rest 0)."""
+    if rank_and_size(group)[1] > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def balanced_load(costs: Sequence[float], owners: Sequence[int], size: int) -> list[float]:
+    """Each rank's share of the total cost (for ``Kron.describe`` and the notes)."""
+    total = math.fsum(costs) or 1.0
+    load = [0.0] * size
+    for c, r in zip(costs, owners):
+        load[r] += c
+    return [x / total for x in load]
