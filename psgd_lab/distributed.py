@@ -21,6 +21,7 @@ from torch import Tensor
 from .structure import KronPlan
 
 DISTRIBUTED = (None, "shard")
+DTENSOR = ("full", "local")
 
 
 def is_dtensor(t: Tensor) -> bool:
@@ -166,6 +167,13 @@ def all_sum(t: Tensor, group=None) -> Tensor:
     """``t`` summed over the ranks, in place (exact when one rank holds the value, the rest 0)."""
     if rank_and_size(group)[1] > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def all_min(t: Tensor, group=None) -> Tensor:
+    """``t``'s elementwise minimum over the ranks, in place."""
+    if rank_and_size(group)[1] > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
     return t
 
 

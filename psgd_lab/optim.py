@@ -120,11 +120,13 @@ class Kron(torch.optim.Optimizer):
             whole state (a checkpoint loads into any world size, or one process).
         process_group: the group of ``distributed="shard"`` and of Newton mode's averaging
             (default: the world).
-
-    FSDP2 parameters (DTensors) are preconditioned whole: their gradients are gathered
-    (``full_tensor()``), ``Q`` and the momentum are kept for the full tensor, and each rank
-    applies its own shard of the update, so the run equals a single-process run. With
-    ``distributed="shard"`` only the owner keeps that state and computes the update.
+        dtensor: how FSDP2 parameters (DTensors) are preconditioned. ``"full"``: whole, as in
+            one process: the gradient is gathered (``full_tensor()``), momentum and ``Q`` are
+            kept for the full tensor (on every rank, or on its owner with ``"shard"``) and each
+            rank applies its shard of the update. ``"local"``: each rank's shard is a tensor of
+            its own (its own ``Q``, momentum and clip), no communication and 1/world of the
+            state, but a block-diagonal preconditioner that depends on the world size, and a
+            per-rank ``state_dict()`` (save one file per rank).
     """
 
     def __init__(
@@ -156,6 +158,7 @@ class Kron(torch.optim.Optimizer):
         precond_cache: bool = True,
         distributed: str | None = None,
         process_group=None,
+        dtensor: str = "full",
     ):
         if preconditioner_update_probability is None:
             preconditioner_update_probability = precond_update_prob_schedule()
@@ -167,6 +170,12 @@ class Kron(torch.optim.Optimizer):
         if not isinstance(precond_cache, bool):
             raise ValueError(f"precond_cache must be True or False; got {precond_cache!r}")
         _check_choice("distributed", distributed, dist_.DISTRIBUTED)
+        _check_choice("dtensor", dtensor, dist_.DTENSOR)
+        if distributed == "shard" and dtensor == "local":
+            raise ValueError(
+                "dtensor='local' already keeps each rank's shards on that rank; it does not "
+                "combine with distributed='shard' (use one or the other)"
+            )
         if distributed is not None:
             dist_.require_process_group(distributed)
         defaults = dict(
@@ -197,6 +206,7 @@ class Kron(torch.optim.Optimizer):
         self.precond_cache = precond_cache
         self.distributed = distributed
         self.process_group = process_group
+        self.dtensor = dtensor
         self._owner: dict[Tensor, int] = {}  # p -> owner rank (distributed="shard")
         self._layout_checked = False
         self._cache: dict[Tensor, list[Tensor]] = {}  # p -> P_i factors (not in state_dict)
@@ -228,11 +238,18 @@ class Kron(torch.optim.Optimizer):
         self._owner, self._layout_checked = {}, False  # ownership is re-balanced, re-checked
 
     # ------------------------------------------------------------------ structure
+    def _shape(self, p: Tensor) -> tuple[int, ...]:
+        """The shape Kron preconditions: ``p``'s, or its local shard's with ``dtensor="local"``."""
+        if self.dtensor == "local" and dist_.is_dtensor(p):
+            return tuple(p.to_local().shape)
+        return tuple(p.shape)
+
     def _structure(self, p: Tensor, group: dict) -> KronPlan:
         """The contraction plan of ``p`` under ``group``'s settings (cached per parameter); its
         ``shape`` is the factor shape (kron-torch's merged shape with ``merge_dims``)."""
+        shape = self._shape(p)
         key = (
-            tuple(p.shape),
+            shape,
             group["merge_dims"],
             group["max_size_triangular"],
             group["min_ndim_triangular"],
@@ -242,7 +259,6 @@ class Kron(torch.optim.Optimizer):
         cached = self._plans.get(id(p))
         if cached is not None and cached[0] == key:
             return cached[1]
-        shape = tuple(p.shape)
         fshape = merged_shape(shape) if group["merge_dims"] and len(shape) > 2 else shape
         diag = diag_dims(
             fshape,
@@ -350,8 +366,9 @@ class Kron(torch.optim.Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError("Kron does not support sparse gradients; use dense gradients")
         self._check_layout()
-        grads = [dist_.full(p.grad) for p, *_ in items]  # FSDP2: gathered (a collective)
-        finite = self._finite(grads, [hvs.get(p) for p, *_ in items])
+        grads = [self._grad(p) for p, *_ in items]  # FSDP2: gathered (a collective) or local
+        sync = self.dtensor == "local" and any(dist_.is_dtensor(p) for p, *_ in items)
+        finite = self._finite(grads, [hvs.get(p) for p, *_ in items], sync)
         # nothing raised: commit the schedule's state (a failed step() leaves it untouched)
         self._counters = [counter for _, counter, _ in decisions]
         self._prob_step += 1
@@ -361,7 +378,7 @@ class Kron(torch.optim.Optimizer):
         rank = dist_.rank_and_size(self.process_group)[0] if owners else 0
         replicated, sharded = [], []  # distributed="shard": what travels from the owners
         for (p, group, do_update, prob), grad, ok in zip(items, grads, finite):
-            if not ok:
+            if not ok or grad.numel() == 0:  # (an empty local shard)
                 continue
             plan = self._structure(p, group)
             owner = owners.get(p, rank)
@@ -376,9 +393,9 @@ class Kron(torch.optim.Optimizer):
                 )
             elif do_update:
                 self._skip_draws(p, group, plan, newton=p in hvs)
-            if not dist_.is_dtensor(p):
+            if not dist_.is_dtensor(p) or self.dtensor == "local":
                 if update is not None:
-                    _apply_update(p, p.dim(), group, *update)
+                    _apply_update(_local(p), p.dim(), group, *update)
                 if owners:
                     replicated.append((p, owner))
             elif owners:
@@ -390,6 +407,12 @@ class Kron(torch.optim.Optimizer):
         if owners:
             self._exchange(replicated, sharded, rank)
         return loss
+
+    def _grad(self, p: Tensor) -> Tensor:
+        """The gradient Kron uses: ``p.grad``, gathered or local for a DTensor."""
+        if dist_.is_dtensor(p.grad):
+            return p.grad.to_local() if self.dtensor == "local" else p.grad.full_tensor()
+        return p.grad
 
     def _exchange(self, replicated: list, sharded: list, rank: int) -> None:
         """``distributed="shard"``: every rank gets the owners' results. Replicated parameters
@@ -434,7 +457,7 @@ class Kron(torch.optim.Optimizer):
         scale = group["precond_init_scale"]
         state["step"] = 0
         mu = group["mu_dtype"] or p.dtype  # the whole tensor's, also for an FSDP2 shard
-        state["momentum_buffer"] = torch.zeros(p.shape, dtype=mu, device=p.device)
+        state["momentum_buffer"] = torch.zeros(self._shape(p), dtype=mu, device=p.device)
         state["Q"] = factors.init_factors(
             plan,
             1.0 if scale is None else scale,
@@ -544,14 +567,14 @@ class Kron(torch.optim.Optimizer):
         )
 
     # ------------------------------------------------------------------ non-finite gradients
-    def _finite(self, grads: list[Tensor], hvs) -> list[bool]:
+    def _finite(self, grads: list[Tensor], hvs, sync: bool = False) -> list[bool]:
         """One flag per gradient: it (and its ``(v, Hv)`` pair, if any) is finite. One host sync
         for all."""
         if not grads:
             return []
         flags = []
         for g, hv in zip(grads, hvs):  # NaN propagates through min/max; ±inf shows: one pass
-            if g.is_complex():
+            if g.is_complex() or g.numel() == 0:  # (aminmax refuses an empty local shard)
                 f = torch.isfinite(g).all()
             else:
                 f = torch.isfinite(torch.stack(torch.aminmax(g.reshape(-1)))).all()
@@ -559,7 +582,10 @@ class Kron(torch.optim.Optimizer):
                 f = f & torch.isfinite(hv[1]).all()
             flags.append(f)
         dev = flags[0].device
-        finite = torch.stack([f.to(dev) for f in flags]).tolist()
+        finite = torch.stack([f.to(dev) for f in flags])
+        if sync:  # dtensor="local": a parameter is skipped on every rank if any shard is bad
+            finite = dist_.all_min(finite.to(torch.uint8), self.process_group).bool()
+        finite = finite.tolist()
         bad = len(finite) - sum(finite)
         if bad:
             if self.nonfinite == "raise":
@@ -712,7 +738,9 @@ class Kron(torch.optim.Optimizer):
     def _check_loaded(self, p: Tensor, group: dict, st: dict) -> None:
         """A checkpoint's state for ``p`` under the saved ``group`` settings, or ``ValueError``."""
         mu = group["mu_dtype"] or p.dtype
-        if st["momentum_buffer"].dtype != mu or tuple(st["momentum_buffer"].shape) != p.shape:
+        if st["momentum_buffer"].dtype != mu or tuple(st["momentum_buffer"].shape) != self._shape(
+            p
+        ):
             raise ValueError(
                 f"checkpoint momentum is {st['momentum_buffer'].dtype} "
                 f"{tuple(st['momentum_buffer'].shape)} but this parameter ({tuple(p.shape)}, "
@@ -732,6 +760,11 @@ class Kron(torch.optim.Optimizer):
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def _local(p: Tensor) -> Tensor:
+    """This rank's part of ``p`` to update in place: its shard for a DTensor, else ``p``."""
+    return p.to_local() if dist_.is_dtensor(p) else p
 
 
 def _apply_update(target: Tensor, ndim: int, group: dict, Pm: Tensor, scale: Tensor) -> None:
