@@ -2,10 +2,10 @@
 
 Public API: ``Kron`` (the optimiser), ``precond_update_prob_schedule``, ``KronPreconditioner``,
 ``GEOMETRIES`` and the primitive modules ``structure``, ``factors``, ``linalg``, ``geometry``,
-``pairs``, ``schedules``.
+``pairs``, ``schedules``, and ``distributed`` (what ``Kron`` uses from ``torch.distributed``).
 """
 
-from . import factors, geometry, linalg, pairs, schedules, structure
+from . import distributed, factors, geometry, linalg, pairs, schedules, structure
 from .geometry import GEOMETRIES
 from .optim import Kron, ParamInfo
 from .preconditioner import KronPreconditioner
@@ -17,6 +17,7 @@ __all__ = [
     "GEOMETRIES",
     "Kron",
     "KronPreconditioner",
+    "distributed",
     "ParamInfo",
     "UpdateProbSchedule",
     "factors",

@@ -24,9 +24,15 @@ DISTRIBUTED = (None, "shard")
 DTENSOR = ("full", "local")
 
 
-def is_dtensor(t: Tensor) -> bool:
+try:  # public since torch 2.5
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - older torch or a build without distributed
+    DTensor = ()
+
+
+def is_dtensor(t: Tensor | None) -> bool:
     """True for a ``torch.distributed.tensor.DTensor`` (an FSDP2 parameter or gradient)."""
-    return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
+    return isinstance(t, DTensor)
 
 
 def rank_and_size(group=None) -> tuple[int, int]:
