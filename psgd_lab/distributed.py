@@ -53,28 +53,44 @@ def require_process_group(option: str) -> None:
         )
 
 
-def check_same_layout(layout: list, group=None) -> None:
-    """``ValueError`` naming the first rank whose parameter list differs from rank 0's.
-
-    ``layout`` is one rank's description of its parameter groups (shapes and dtypes); a
+def check_same_layout(layout, group=None) -> None:
+    """``ValueError`` on every rank, naming the first entry where a rank's ``layout`` (its
+    parameters and settings: nested lists, dicts and plain values) differs from rank 0's. A
     collective: every rank of ``group`` must call it."""
-    rank, size = rank_and_size(group)
+    _, size = rank_and_size(group)
     if size == 1:
         return
     gathered: list = [None] * size
     dist.all_gather_object(gathered, layout, group=group)
     for r, other in enumerate(gathered):
-        if other != gathered[0]:
+        diff = _first_difference(gathered[0], other)
+        if diff is not None:
+            where, mine, theirs = diff
             raise ValueError(
-                "the ranks disagree on the parameter list given to Kron: rank 0 has "
-                f"{_describe(gathered[0])}, rank {r} has {_describe(other)}. Every rank must build "
-                "the same model and pass its parameters in the same order"
+                "the ranks disagree on the parameter list or settings given to Kron: at "
+                f"{where or 'the top'}, rank 0 has {mine!r} and rank {r} has {theirs!r}. Every "
+                "rank must build the same model, pass its parameters in the same order and use "
+                "the same settings"
             )
 
 
-def _describe(layout: list) -> str:
-    n = sum(len(g) for g in layout)
-    return f"{len(layout)} group(s), {n} parameter(s) {layout}"
+def _first_difference(a, b, where: str = ""):
+    """``(path, a_part, b_part)`` of the first difference between two nested values, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            d = _first_difference(a.get(k), b.get(k), f"{where}[{k!r}]")
+            if d is not None:
+                return d
+        return None
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        if all(not isinstance(x, (list, tuple, dict)) for x in a) and a != b and len(a) <= 4:
+            return where, a, b  # a short tuple (a shape) reads better whole
+        for i, (x, y) in enumerate(zip(a, b)):
+            d = _first_difference(x, y, f"{where}[{i}]")
+            if d is not None:
+                return d
+        return None
+    return None if a == b else (where, a, b)
 
 
 def step_cost(plan: KronPlan) -> float:
@@ -87,10 +103,13 @@ def step_cost(plan: KronPlan) -> float:
     return cost
 
 
-def assign_owners(costs: Sequence[float], size: int) -> list[int]:
-    """The owner rank of each item: greedy longest-processing-time first, ties to the lower
-    index and the lower rank, so every rank computes the same assignment."""
-    load = [0.0] * size
+def assign_owners(
+    costs: Sequence[float], size: int, load: Sequence[float] | None = None
+) -> list[int]:
+    """The owner rank of each item: greedy longest-processing-time first onto the least loaded
+    rank (starting from ``load``), ties to the lower index and the lower rank, so every rank
+    computes the same assignment."""
+    load = list(load) if load is not None else [0.0] * size
     owners = [0] * len(costs)
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
         r = min(range(size), key=lambda r: (load[r], r))
@@ -104,11 +123,11 @@ def full(t: Tensor) -> Tensor:
     return t.full_tensor() if is_dtensor(t) else t
 
 
-def local_part(whole: Tensor, like: Tensor, src: int | None = None) -> Tensor:
-    """This rank's piece of ``whole`` laid out as the DTensor ``like``. ``src=None`` cuts it
-    locally (every rank holds ``whole``); a rank ``src`` scatters it from there (a collective)."""
+def local_part(whole: Tensor, like: Tensor) -> Tensor:
+    """This rank's piece of ``whole`` (held by every rank) laid out as the DTensor ``like``: cut
+    locally, no communication, on any device mesh."""
     out = torch.distributed.tensor.distribute_tensor(
-        whole, like.device_mesh, like.placements, src_data_rank=src
+        whole, like.device_mesh, like.placements, src_data_rank=None
     )
     return out.to_local()
 
@@ -169,10 +188,10 @@ def gather_objects(obj, group=None) -> list:
     return out
 
 
-def all_sum(t: Tensor, group=None) -> Tensor:
-    """``t`` summed over the ranks, in place (exact when one rank holds the value, the rest 0)."""
+def all_max(t: Tensor, group=None) -> Tensor:
+    """``t``'s elementwise maximum over the ranks, in place."""
     if rank_and_size(group)[1] > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t
 
 

@@ -24,7 +24,13 @@ import torch
 from torch import Tensor
 
 from .factors import apply_one, apply_p, apply_q_triangular, balance, gram_self, solve_qh
-from .linalg import hermitian_defect, norm_lower_bound, procrustes_step, triu_matmul
+from .linalg import (
+    SUBSPACE_ROWS,
+    hermitian_defect,
+    norm_lower_bound,
+    procrustes_step,
+    triu_matmul,
+)
 from .structure import KronPlan
 
 GEOMETRIES = ("EQ", "QEQ", "QEP", "Q0.5EQ1.5", "QUAD", "PRO4P", "QUAD4P")
@@ -237,6 +243,21 @@ def update_qep(Q, L, v, h, plan, *, lr, lipschitz="kron", beta_L=0.9, norm_bound
         q.sub_(s * (E @ q if q.dim() == 2 else E * q))
 
 
+def default_norm_bound(lipschitz: str, norm_bound: str | None = None) -> str:
+    """``norm_bound`` if given, else ``"power"`` (kron-torch) for ``lipschitz="kron"`` and
+    ``"subspace"`` (the newer reference) for ``"ema"``."""
+    return norm_bound or ("power" if lipschitz == "kron" else "subspace")
+
+
+def draws(plan: KronPlan, lipschitz: str, norm_bound: str | None = None) -> list[tuple[int, ...]]:
+    """The shapes, in order, of what one update of any rule draws from its ``generator`` when
+    given ``v``: the subspace norm bound draws ``(k, d_i)`` once per dense factor; the power
+    bound draws nothing. (``Kron(distributed="shard")`` replays them to keep ranks in step.)"""
+    if default_norm_bound(lipschitz, norm_bound) != "subspace":
+        return []
+    return [(SUBSPACE_ROWS, d) for d, diag in zip(plan.shape, plan.diag) if not diag]
+
+
 def _defaults(kw: dict) -> dict:
     out = {"lipschitz": "kron", "beta_L": 0.9, "norm_bound": "power", "generator": None}
     out.update(kw)
@@ -278,8 +299,7 @@ def update(
     """
     check_geometry(geometry)
     check_lipschitz(lipschitz)
-    if norm_bound is None:
-        norm_bound = "power" if lipschitz == "kron" else "subspace"
+    norm_bound = default_norm_bound(lipschitz, norm_bound)
     RULES[geometry](
         Q, L, v, h, plan, lr=lr, lipschitz=lipschitz, beta_L=beta_L, norm_bound=norm_bound,
         generator=generator,

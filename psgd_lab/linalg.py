@@ -31,8 +31,11 @@ def norm_lower_bound_power(A: Tensor) -> Tensor:
     return torch.linalg.vector_norm(A @ y) * max_abs
 
 
+SUBSPACE_ROWS = 32  # rows of the subspace iteration's random start
+
+
 def norm_lower_bound_subspace(
-    A: Tensor, generator: torch.Generator | None = None, k: int = 32, half_iters: int = 2
+    A: Tensor, generator: torch.Generator | None = None, k: int = SUBSPACE_ROWS, half_iters: int = 2
 ) -> Tensor:
     """Lower bound of ``‖A‖₂`` by a ``k``-row random subspace iteration (the newer reference).
 

@@ -235,7 +235,7 @@ class Kron(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
         self._counters.append(0)
-        self._owner, self._layout_checked = {}, False  # ownership is re-balanced, re-checked
+        self._layout_checked = False  # compared again across ranks at the next step
 
     # ------------------------------------------------------------------ structure
     def _shape(self, p: Tensor) -> tuple[int, ...]:
@@ -300,42 +300,111 @@ class Kron(torch.optim.Optimizer):
     # ------------------------------------------------------------------ distributed
     def _owners(self) -> dict[Tensor, int]:
         """``p -> owner rank`` under ``distributed="shard"`` (every rank computes the same
-        assignment from the same costs); empty otherwise."""
-        if self.distributed != "shard" or self._owner:
+        assignment from the same costs); empty otherwise. Parameters keep their owner: a group
+        added later is placed on the ranks' current loads."""
+        if self.distributed != "shard":
             return self._owner
         params = [(p, g) for g in self.param_groups for p in g["params"]]
-        costs = [dist_.step_cost(self._structure(p, g)) for p, g in params]
-        size = dist_.rank_and_size(self.process_group)[1]
-        owners = dist_.assign_owners(costs, size)
-        self._owner = {p: r for (p, _), r in zip(params, owners)}
+        new = [(p, g) for p, g in params if p not in self._owner]
+        if new:
+            size = dist_.rank_and_size(self.process_group)[1]
+            load = [0.0] * size
+            for p, g in params:
+                if p in self._owner:
+                    load[self._owner[p]] += dist_.step_cost(self._structure(p, g))
+            costs = [dist_.step_cost(self._structure(p, g)) for p, g in new]
+            owners = dist_.assign_owners(costs, size, load)
+            self._owner.update({p: r for (p, _), r in zip(new, owners)})
         return self._owner
 
+    def _collective(self) -> bool:
+        """Whether ``step()`` communicates: ``"shard"``, or Newton mode's averaging."""
+        if self.distributed is not None:
+            return True
+        return self.mode == "newton" and dist_.rank_and_size(self.process_group)[1] > 1
+
     def _check_layout(self) -> None:
-        """Once (and after ``add_param_group``): every rank has the same parameters and seed."""
-        if self.distributed is None or self._layout_checked:
+        """Once (again after ``add_param_group`` and ``load_state_dict``) when ``step()``
+        communicates: every rank has the same parameters, settings, seed and schedule state, or
+        every rank raises the same ``ValueError`` (instead of a hang in a collective)."""
+        if self._layout_checked or not self._collective():
             return
-        layout = [[(tuple(p.shape), str(p.dtype)) for p in g["params"]] for g in self.param_groups]
-        dist_.check_same_layout([layout, f"seed={self.seed}"], self.process_group)
+        groups = [
+            {
+                "params": [(tuple(p.shape), str(p.dtype)) for p in g["params"]],
+                **{k: _fingerprint(v) for k, v in g.items() if k != "params"},
+            }
+            for g in self.param_groups
+        ]
+        settings = {
+            "seed": self.seed,
+            "mode": self.mode,
+            "hvp": self.hvp,
+            "nonfinite": self.nonfinite,
+            "distributed": self.distributed,
+            "dtensor": self.dtensor,
+            "step() calls": self._prob_step,
+            "update counters": self._counters,
+        }
+        dist_.check_same_layout({"param_groups": groups, **settings}, self.process_group)
         self._layout_checked = True
+
+    def _agree(self, items: list, finite: Tensor) -> None:
+        """When ``step()`` communicates: the ranks step the same parameters with the same
+        finiteness and update decisions, or all raise the same ``RuntimeError`` (one small
+        all-reduce; a mismatch would otherwise hang or silently desynchronise the ranks)."""
+        pos = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        n = len(pos)
+        codes = torch.zeros(n, dtype=torch.int32, device=finite.device)
+        if items:
+            idx = torch.tensor([pos[p] for p, *_ in items], device=finite.device)
+            do = torch.tensor([it[2] for it in items], dtype=torch.int32, device=finite.device)
+            codes[idx] = 1 + finite.to(torch.int32) + 2 * do
+        both = torch.cat([codes, -codes])
+        dist_.all_max(both, self.process_group)
+        bad = (both[:n] != -both[n:]).nonzero().flatten().tolist()
+        if bad:
+            where = [
+                (gi, pi) for gi, g in enumerate(self.param_groups) for pi in range(len(g["params"]))
+            ]
+            raise RuntimeError(
+                f"the ranks disagree at step {self._prob_step} on parameter(s) (group, index) "
+                f"{[where[i] for i in bad]}: on some rank it has no gradient, a non-finite one, "
+                "or another preconditioner-update decision. With distributed='shard' (and Newton "
+                "mode under a process group) every rank must step the same parameters, as DDP "
+                "and FSDP2 ensure"
+            )
 
     def _skip_draws(self, p: Tensor, group: dict, plan: KronPlan, newton: bool) -> None:
         """Draw what the owner's ``_fit`` draws for ``p``, and drop it: the generator stays in
-        step with the owner's, so the sharded run equals the replicated one."""
-        like = torch.empty(plan.shape, dtype=_precond_dtype(group, p), device=p.device)
-        for _ in range((not newton) + (group["damping"] is not None)):
-            randn_like(like, self._gen(p.device))
+        step with the owner's, so the sharded run equals the replicated one. The owner draws
+        ``v`` (whitening), the damping noise (a float ``damping``), then what the rule's norm
+        bound draws (``geometry.draws``); a draw's consumption depends only on its shape."""
+        pd, gen = _precond_dtype(group, p), self._gen(p.device)
+        shapes = [plan.shape] * ((not newton) + (group["damping"] is not None))
+        shapes += geo.draws(plan, group["lipschitz"])
+        for shape in shapes:
+            torch.randn(shape, dtype=pd, device=p.device, generator=gen)
 
     # ------------------------------------------------------------------ randomness
     def _gen(self, device: torch.device) -> torch.Generator:
-        """The generator of ``device`` (seeded with ``seed``, offset by the device's name)."""
+        """The generator of ``device``, seeded with ``seed`` offset by the device *type* (not its
+        index), so data-parallel ranks on ``cuda:0`` and ``cuda:1`` draw the same ``v``."""
         key = str(device)
         gen = self._generators.get(key)
         if gen is None:
             gen = self._generators[key] = torch.Generator(device=device)
-            if key in self._generator_states:
-                gen.set_state(self._generator_states.pop(key))
+            saved = self._generator_states.pop(key, None)
+            if saved is None:  # a checkpoint from another rank: its one generator of this type
+                same = [k for k in self._generator_states if k.split(":")[0] == device.type]
+                saved = self._generator_states.pop(same[0]) if len(same) == 1 else None
+            if saved is not None:
+                gen.set_state(saved)
             else:
-                gen.manual_seed(self.seed if key == "cpu" else self.seed + zlib.crc32(key.encode()))
+                kind = device.type
+                gen.manual_seed(
+                    self.seed if kind == "cpu" else self.seed + zlib.crc32(kind.encode())
+                )
         return gen
 
     # ------------------------------------------------------------------ the step
@@ -348,6 +417,7 @@ class Kron(torch.optim.Optimizer):
         Under ``torch.compile`` the step runs eagerly: opt_einsum's contraction planning and the
         host-side schedule do not trace, and the CPU compiler gains nothing on these small matrix
         products (issue 6 measures it)."""
+        self._check_layout()  # before the closure: Newton mode all-reduces inside it
         n = self._prob_step
         decisions = [self._decide(gi, group, n) for gi, group in enumerate(self.param_groups)]
         items = [
@@ -365,10 +435,8 @@ class Kron(torch.optim.Optimizer):
         for p, *_ in items:
             if p.grad.is_sparse:
                 raise RuntimeError("Kron does not support sparse gradients; use dense gradients")
-        self._check_layout()
         grads = [self._grad(p) for p, *_ in items]  # FSDP2: gathered (a collective) or local
-        sync = self.dtensor == "local" and any(dist_.is_dtensor(p) for p, *_ in items)
-        finite = self._finite(grads, [hvs.get(p) for p, *_ in items], sync)
+        finite = self._finite(items, grads, [hvs.get(p) for p, *_ in items])
         # nothing raised: commit the schedule's state (a failed step() leaves it untouched)
         self._counters = [counter for _, counter, _ in decisions]
         self._prob_step += 1
@@ -415,26 +483,27 @@ class Kron(torch.optim.Optimizer):
         return p.grad
 
     def _exchange(self, replicated: list, sharded: list, rank: int) -> None:
-        """``distributed="shard"``: every rank gets the owners' results. Replicated parameters
-        are broadcast whole; a DTensor's owner scatters its update ``P m̂`` and the clip scale
-        (an exact sum: the other ranks add 0), and each rank applies its own shard."""
-        group_ = self.process_group
-        dist_.broadcast_from_owners([p for p, _ in replicated], [r for _, r in replicated], group_)
-        if not sharded:
-            return
-        scales = torch.zeros(len(sharded), dtype=torch.float64, device=sharded[0][0].device)
-        for j, (*_, update) in enumerate(sharded):
-            if update is not None:
-                scales[j] = update[1].to(torch.float64)
-        dist_.all_sum(scales, group_)
-        for j, (p, group, owner, update) in enumerate(sharded):
+        """``distributed="shard"``: every rank gets the owners' results, by one flat broadcast
+        per owner over ``process_group``. Replicated parameters travel whole; for a DTensor the
+        owner sends the whole update ``P m`` and its clip scale, and each rank cuts its own shard
+        (locally, so any device mesh works)."""
+        tensors, owners = [p for p, _ in replicated], [r for _, r in replicated]
+        wholes = []
+        for p, group, owner, update in sharded:
             if update is None:
                 pd = _precond_dtype(group, p)
-                whole = torch.empty(p.shape, dtype=pd, device=p.to_local().device)
+                dev = p.to_local().device
+                Pm = torch.zeros(p.shape, dtype=pd, device=dev)
+                scale = torch.zeros(1, dtype=Pm.real.dtype, device=dev)
             else:
-                whole = update[0].reshape(p.shape)
-            local = dist_.local_part(whole, p, src=owner)
-            _apply_update(p.to_local(), p.dim(), group, local, scales[j].to(local.real.dtype))
+                Pm, scale = update[0].reshape(p.shape), update[1].reshape(1)
+            wholes.append((Pm, scale))
+            tensors += [Pm, scale]
+            owners += [owner, owner]
+        dist_.broadcast_from_owners(tensors, owners, self.process_group)
+        for (p, group, _, _), (Pm, scale) in zip(sharded, wholes):
+            local = dist_.local_part(Pm, p)
+            _apply_update(p.to_local(), p.dim(), group, local, scale.reshape(()))
 
     def _decide(self, gi: int, group: dict, n: int) -> tuple[bool, int, float]:
         """The group's deterministic update decision, its next counter and ``prob(n)``: update when
@@ -567,11 +636,9 @@ class Kron(torch.optim.Optimizer):
         )
 
     # ------------------------------------------------------------------ non-finite gradients
-    def _finite(self, grads: list[Tensor], hvs, sync: bool = False) -> list[bool]:
-        """One flag per gradient: it (and its ``(v, Hv)`` pair, if any) is finite. One host sync
-        for all."""
-        if not grads:
-            return []
+    def _finite(self, items: list, grads: list[Tensor], hvs: list) -> list[bool]:
+        """One flag per item: its gradient (and its ``(v, Hv)`` pair, if any) is finite. One
+        host sync for all (after the ranks' agreement check when ``step()`` communicates)."""
         flags = []
         for g, hv in zip(grads, hvs):  # NaN propagates through min/max; ±inf shows: one pass
             if g.is_complex() or g.numel() == 0:  # (aminmax refuses an empty local shard)
@@ -581,10 +648,15 @@ class Kron(torch.optim.Optimizer):
             if hv is not None:
                 f = f & torch.isfinite(hv[1]).all()
             flags.append(f)
-        dev = flags[0].device
-        finite = torch.stack([f.to(dev) for f in flags])
-        if sync:  # dtensor="local": a parameter is skipped on every rank if any shard is bad
+        dev = flags[0].device if flags else torch.device("cpu")
+        finite = (
+            torch.stack([f.to(dev) for f in flags]) if flags else torch.ones(0, dtype=torch.bool)
+        )
+        if self.dtensor == "local" and any(dist_.is_dtensor(p) for p, *_ in items):
+            # each rank checks its own shard: skip a parameter on every rank if any shard is bad
             finite = dist_.all_min(finite.to(torch.uint8), self.process_group).bool()
+        if self._collective():
+            self._agree(items, finite)
         finite = finite.tolist()
         bad = len(finite) - sum(finite)
         if bad:
@@ -732,6 +804,7 @@ class Kron(torch.optim.Optimizer):
         self._generators = {}
         self._generator_states = dict(extra["generators"])
         self._cache.clear()
+        self._layout_checked = False  # the loaded schedule state is compared at the next step
         self.nonfinite_count = int(extra["nonfinite_count"])
         self.seed = int(extra["seed"])
 
@@ -760,6 +833,15 @@ class Kron(torch.optim.Optimizer):
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def _fingerprint(value):
+    """A hyperparameter as every rank can compare it (no memory addresses)."""
+    if isinstance(value, UpdateProbSchedule):
+        return repr(value)
+    if callable(value):
+        return f"callable {getattr(value, '__qualname__', type(value).__name__)}"
+    return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
 
 
 def _local(p: Tensor) -> Tensor:

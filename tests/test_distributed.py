@@ -12,6 +12,7 @@ from generators seeded by ``seed`` (the same on every rank) and its schedule is 
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import os
 import socket
@@ -27,7 +28,11 @@ from psgd_lab import Kron
 
 STEPS, HALF, GLOBAL_BATCH = 50, 25, 32
 KW = dict(lr=1e-2, preconditioner_update_probability=0.5, seed=39)  # seed 39: balancing at 13, 24
-MODES = ("ddp", "ddp_shard", "fsdp", "fsdp_shard", "fsdp_local", "ddp_newton", "ddp_newton_shard")
+MODES = (
+    "ddp", "ddp_shard", "fsdp", "fsdp_shard", "hsdp", "hsdp_shard", "fsdp_local",
+    "ddp_newton", "ddp_newton_shard", "ddp_ema", "ddp_ema_shard",
+)  # fmt: skip
+SHARDED = tuple(m for m in MODES if m.endswith("_shard"))
 EXACT = tuple(m for m in MODES if m != "fsdp_local")  # fsdp_local: its own blocks per rank
 
 
@@ -57,9 +62,14 @@ def _batch(t: int):
 def _wrap(mode: str, net: Net) -> torch.nn.Module:
     if mode.startswith("ddp"):
         return torch.nn.parallel.DistributedDataParallel(net)
+    mesh = None
+    if mode.startswith("hsdp"):  # a 2-D mesh: the group-local ranks are not the global ones
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("replicate", "shard"))
     for layer in (net.a, net.b, net.c):
-        fully_shard(layer)
-    return fully_shard(net)
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(net, mesh=mesh)
 
 
 def _full_params(model) -> list[torch.Tensor]:
@@ -92,13 +102,14 @@ def _make(mode: str, world: int = 2):
         distributed="shard" if "shard" in mode else None,
         mode="newton" if "newton" in mode else "whiten",
         damping=1e-6 if "newton" in mode else None,  # one more draw per update to keep in step
+        lipschitz="ema" if "ema" in mode else "kron",  # the subspace norm bound draws too
         dtensor="local" if "local" in mode else "full",
     )
     return model, opt
 
 
 def _save_model(mode: str, model, path: str) -> None:
-    if mode.startswith("fsdp"):  # torch.distributed.checkpoint: every rank writes its shards
+    if not mode.startswith("ddp"):  # torch.distributed.checkpoint: every rank writes its shards
         import torch.distributed.checkpoint as dcp
 
         dcp.save({"model": model.state_dict()}, checkpoint_id=path)
@@ -107,7 +118,7 @@ def _save_model(mode: str, model, path: str) -> None:
 
 
 def _load_model(mode: str, model, path: str) -> None:
-    if mode.startswith("fsdp"):
+    if not mode.startswith("ddp"):
         import torch.distributed.checkpoint as dcp
 
         sd = {"model": model.state_dict()}
@@ -138,16 +149,52 @@ def _phase1(rank: int, world: int, out: str) -> None:
             "state": [sorted(opt.state.get(p, {})) for p in model.parameters()],
             "Q": opt.state_dict()["state"],
         }
-    # bad use: ranks that disagree on the parameter list, or on the seed
-    for name, kw in (("layout", {"hidden": 33 + rank}), ("seed", {})):
-        model = torch.nn.parallel.DistributedDataParallel(Net()) if name == "seed" else Net(**kw)
-        opt = Kron(model.parameters(), seed=39 + rank, distributed="shard")
-        try:
-            _train(model, opt, 0, 1, rank, world)
-            res[f"error_{name}"] = None
-        except ValueError as e:
-            res[f"error_{name}"] = str(e)
+    res["add_group"] = {d: _add_group_run(d, rank, world) for d in (None, "shard")}
+    for name in ERRORS:
+        res[f"error_{name}"] = _bad_use(name, rank, world)
     torch.save(res, f"{out}/phase1_rank{rank}.pt")
+
+
+def _add_group_run(distributed, rank: int, world: int) -> list[torch.Tensor]:
+    """A group added after 10 steps (the old parameters keep their owners and state)."""
+    model = torch.nn.parallel.DistributedDataParallel(Net())
+    net = model.module
+    opt = Kron([net.b.weight, net.gain], **KW, distributed=distributed)
+    _train(model, opt, 0, 10, rank, world)
+    opt.add_param_group({"params": [net.a.weight, net.a.bias, net.c.weight, net.c.bias]})
+    _train(model, opt, 10, 20, rank, world)
+    return _full_params(model)
+
+
+ERRORS = ("layout", "seed", "settings", "grad_none", "nan_one_rank", "newton_layout")
+
+
+def _bad_use(name: str, rank: int, world: int) -> tuple[str, str] | None:
+    """Ranks that disagree; every rank must raise (a hang fails the spawn's timeout)."""
+    model = Net(hidden=33 + rank if "layout" in name else 33)
+    kw = dict(seed=39 + rank) if name == "seed" else {}
+    if name == "settings":
+        kw["max_size_triangular"] = 8192 if rank == 0 else 16
+    if name == "nan_one_rank":
+        kw["nonfinite"] = "raise"
+    if name == "newton_layout":  # distributed=None: Newton mode's averaging checks too
+        opt = Kron(model.parameters(), mode="newton")
+    else:
+        opt = Kron(model.parameters(), distributed="shard", **kw)
+    x, y = _batch(0)
+    try:
+        if opt.mode == "newton":
+            opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
+        else:
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            if name == "grad_none" and rank == 1:
+                model.gain.grad = None
+            if name == "nan_one_rank" and rank == 0:
+                model.gain.grad[0] = float("nan")
+            opt.step()
+    except (ValueError, RuntimeError, FloatingPointError) as e:
+        return type(e).__name__, str(e)
+    return None
 
 
 def _phase2(rank: int, world: int, out: str) -> None:
@@ -165,6 +212,7 @@ def _phase2(rank: int, world: int, out: str) -> None:
 
 def _entry(rank: int, world: int, port: int, fn, out: str) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    faulthandler.dump_traceback_later(240, exit=True)  # a hang fails the test, with a traceback
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         fn(rank, world, out)
@@ -195,7 +243,7 @@ def runs(tmp_path_factory):
     _spawn(_phase2, out)
     load = lambda name: [torch.load(out / f"{name}_rank{r}.pt") for r in (0, 1)]  # noqa: E731
     single = {}  # one process on the same global batches
-    for mode in ("whiten", "newton"):
+    for mode in ("whiten", "newton", "ema"):
         model, opt = _make(mode, world=1)
         losses = _train(model, opt, 0, STEPS)
         single[mode] = {"params": _full_params(model), "losses": losses}
@@ -222,14 +270,14 @@ def test_equal_to_one_process_on_the_global_batches(runs, mode):
     # what a real fault gives: another preconditioner (dtensor="local") ends 0.5 away, Newton
     # mode without Kron's own averaging of g and Hv 8.5e-2 (measured by removing it).
     # Newton mode: Kron averages g and Hv itself (DDP's hooks do not see autograd.grad).
-    single = runs["single"]["newton" if "newton" in mode else "whiten"]
+    single = runs["single"][next((k for k in ("newton", "ema") if k in mode), "whiten")]
     params = runs["phase1"][0][mode]["params"]
     for a, b in zip(params, single["params"]):
         assert _rel(a, b) < 1e-4
     assert single["losses"][-1] < 0.75 * single["losses"][0]  # it trains (0.33x, Newton 0.68x)
 
 
-@pytest.mark.parametrize("base", ["ddp", "fsdp", "ddp_newton"])
+@pytest.mark.parametrize("base", [m.removesuffix("_shard") for m in SHARDED])
 def test_shard_equals_the_replicated_run(runs, base):
     """Each parameter's owner computes exactly what every rank computes without sharding, and
     the others keep their generators in step: the parameters and the whole (gathered) state
@@ -241,7 +289,7 @@ def test_shard_equals_the_replicated_run(runs, base):
             assert all(torch.equal(a, b) for a, b in zip(st["Q"], shard["Q"][k]["Q"]))
 
 
-@pytest.mark.parametrize("mode", ["ddp_shard", "fsdp_shard", "ddp_newton_shard"])
+@pytest.mark.parametrize("mode", SHARDED)
 def test_shard_splits_the_state_between_the_ranks(runs, mode):
     r0, r1 = (r[mode] for r in runs["phase1"])
     assert r0["owners"] == r1["owners"] and set(r0["owners"]) == {0, 1}
@@ -257,16 +305,30 @@ def test_resume_from_the_distributed_checkpoint_is_exact(runs, mode):
         assert all(torch.equal(a, b) for a, b in zip(resumed, straight))
 
 
-def test_ranks_with_different_parameters_get_a_clear_error(runs):
-    for rank in (0, 1):
-        msg = runs["phase1"][rank]["error_layout"]
-        assert msg and "ranks disagree on the parameter list" in msg and "rank 1" in msg
+@pytest.mark.parametrize(
+    "name, kind, words",
+    [
+        ("layout", "ValueError", ["rank 0 has (33, 8)", "rank 1 has (34, 8)"]),
+        ("seed", "ValueError", ["['seed']", "rank 0 has 39", "rank 1 has 40"]),
+        ("settings", "ValueError", ["max_size_triangular", "8192", "16"]),
+        ("grad_none", "RuntimeError", ["ranks disagree at step 0", "(0, 0)"]),  # gain: own params first
+        ("nan_one_rank", "RuntimeError", ["ranks disagree at step 0", "(0, 0)"]),
+        ("newton_layout", "ValueError", ["rank 0 has (33, 8)", "rank 1 has (34, 8)"]),
+    ],
+)
+def test_ranks_that_disagree_get_the_same_clear_error(runs, name, kind, words):
+    """Parameters, seeds or settings that differ between ranks, or a step where one rank has no
+    (or a non-finite) gradient: every rank raises the same error instead of hanging in a
+    collective or drifting apart."""
+    errors = [r[f"error_{name}"] for r in runs["phase1"]]
+    assert errors[0] == errors[1] and errors[0] is not None
+    assert errors[0][0] == kind and all(w in errors[0][1] for w in words), errors[0][1]
 
 
-def test_ranks_with_different_seeds_get_a_clear_error(runs):
-    for rank in (0, 1):
-        msg = runs["phase1"][rank]["error_seed"]
-        assert msg and "seed=39" in msg and "seed=40" in msg
+def test_a_group_added_later_keeps_the_owners_and_the_state(runs):
+    for r in runs["phase1"]:
+        plain, shard = r["add_group"][None], r["add_group"]["shard"]
+        assert all(torch.equal(a, b) for a, b in zip(plain, shard))
 
 
 def test_shard_without_a_process_group_is_a_clear_error():
@@ -312,7 +374,8 @@ def _torchrun(tmp_path, name: str, *args: str) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "psgd_lab.train_dist", "--width", "24", "--depth", "2", "--prob", "0.5",
            "--json", str(out), *args]  # fmt: skip
-    subprocess.run(cmd, check=True, timeout=300, capture_output=True)
+    done = subprocess.run(cmd, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return json.loads(out.read_text())
 
 
