@@ -52,8 +52,16 @@ def hvp_autograd(
     Cost: one extra backward pass through the graph of the gradient (about 2x a plain backward),
     and the graph of the first backward is kept alive until this returns.
     """
-    hv = torch.autograd.grad(grads, params, vs, allow_unused=True)
-    return [torch.zeros_like(p) if x is None else x for p, x in zip(params, hv)]
+    # a gradient with no graph (its parameter is not in the loss, or enters it linearly) has
+    # H v = 0 for that block; autograd refuses it as an output, so leave it out
+    live = [i for i, g in enumerate(grads) if g.requires_grad]
+    out: list[Tensor | None] = [None] * len(params)
+    if live:
+        hv = torch.autograd.grad(
+            [grads[i] for i in live], params, [vs[i] for i in live], allow_unused=True
+        )
+        out = list(hv)
+    return [torch.zeros_like(p) if x is None else x for p, x in zip(params, out)]
 
 
 def hvp_finite_difference(

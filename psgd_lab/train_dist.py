@@ -83,13 +83,13 @@ def train(args, distributed: str | None, device, log=print) -> dict:
     losses, step_ms, opt_ms = [], [], []
     for t in range(start, args.steps):
         x, y = _batch(t, args.batch, rank, world, device)
-        t0 = time.perf_counter()
+        t0 = _clock(device)
         opt.zero_grad(set_to_none=True)
         loss = torch.nn.functional.mse_loss(model(x), y)
         loss.backward()
-        t1 = time.perf_counter()
+        t1 = _clock(device)
         opt.step()
-        t2 = time.perf_counter()
+        t2 = _clock(device)
         losses.append(loss.detach())
         step_ms.append(1e3 * (t2 - t0))
         opt_ms.append(1e3 * (t2 - t1))
@@ -111,6 +111,13 @@ def train(args, distributed: str | None, device, log=print) -> dict:
     del model, opt
     gc.collect()
     return out
+
+
+def _clock(device: torch.device) -> float:
+    """``perf_counter`` after the device's queued work (a sync on accelerators, for timing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _save(path: str, wrap: str, model, opt: Kron, step: int) -> None:
@@ -158,10 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else None
     device = device or torch.device("cpu")
+    if cuda:  # object collectives and FSDP2's default mesh use the current device
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
     if not cuda and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 

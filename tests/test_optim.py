@@ -119,6 +119,26 @@ def test_newton_mode_needs_a_closure_that_does_not_backward():
         opt.step(lambda: 1.0)
 
 
+@pytest.mark.parametrize("hvp", ["autograd", "finite_difference"])
+def test_newton_mode_with_parameters_outside_the_loss_or_linear_in_it(hvp):
+    """A parameter the loss does not use, and one it uses linearly, have H v = 0; autograd
+    refuses such gradients as outputs of the double backward, so they must be left out of it."""
+    w = torch.nn.Parameter(torch.randn(4, 3, generator=torch.Generator().manual_seed(0)))
+    unused, linear = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(3))
+    opt = Kron([w, unused, linear], lr=0.1, mode="newton", hvp=hvp, seed=0)
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+
+    def closure():
+        return ((x @ w).tanh() ** 2).mean() + linear.sum()
+
+    first = closure().item()
+    for _ in range(30):
+        opt.step(closure)
+    assert torch.equal(unused, torch.ones(2, 2))  # zero gradient, zero step
+    assert closure().item() < first  # the others train
+    assert opt.nonfinite_count == 0 and torch.isfinite(w).all()
+
+
 # ---------------------------------------------------------------------- torch.optim conventions
 
 
