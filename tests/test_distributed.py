@@ -311,7 +311,11 @@ def test_resume_from_the_distributed_checkpoint_is_exact(runs, mode):
         ("layout", "ValueError", ["rank 0 has (33, 8)", "rank 1 has (34, 8)"]),
         ("seed", "ValueError", ["['seed']", "rank 0 has 39", "rank 1 has 40"]),
         ("settings", "ValueError", ["max_size_triangular", "8192", "16"]),
-        ("grad_none", "RuntimeError", ["ranks disagree at step 0", "(0, 0)"]),  # gain: own params first
+        (
+            "grad_none",
+            "RuntimeError",
+            ["ranks disagree at step 0", "(0, 0)"],
+        ),  # gain: own params first
         ("nan_one_rank", "RuntimeError", ["ranks disagree at step 0", "(0, 0)"]),
         ("newton_layout", "ValueError", ["rank 0 has (33, 8)", "rank 1 has (34, 8)"]),
     ],
