@@ -199,6 +199,7 @@ class Kron(torch.optim.Optimizer):
             beta_L=beta_L,
         )
         _check_group(defaults)
+        self._group_keys = tuple(defaults)  # Kron's per-group settings
         self.mode = mode
         self.hvp = hvp
         self.seed = seed
@@ -209,6 +210,7 @@ class Kron(torch.optim.Optimizer):
         self.dtensor = dtensor
         self._owner: dict[Tensor, int] = {}  # p -> owner rank (distributed="shard")
         self._layout_checked = False
+        self._has_dtensor: bool | None = None  # FSDP2 parameters among ours (None: not looked)
         self._cache: dict[Tensor, list[Tensor]] = {}  # p -> P_i factors (not in state_dict)
         self._counters: list[int] = []
         super().__init__(params, defaults)
@@ -236,6 +238,7 @@ class Kron(torch.optim.Optimizer):
             raise
         self._counters.append(0)
         self._layout_checked = False  # compared again across ranks at the next step
+        self._has_dtensor = None
 
     # ------------------------------------------------------------------ structure
     def _shape(self, p: Tensor) -> tuple[int, ...]:
@@ -318,10 +321,22 @@ class Kron(torch.optim.Optimizer):
         return self._owner
 
     def _collective(self) -> bool:
-        """Whether ``step()`` communicates: ``"shard"``, or Newton mode's averaging."""
-        if self.distributed is not None:
+        """Whether ``step()`` communicates: ``"shard"``, FSDP2 parameters, or Newton mode's
+        averaging under a process group."""
+        if self._has_dtensor is None:
+            params = (p for g in self.param_groups for p in g["params"])
+            self._has_dtensor = any(dist_.is_dtensor(p) for p in params)
+        if self.distributed is not None or self._has_dtensor:
             return True
         return self.mode == "newton" and dist_.rank_and_size(self.process_group)[1] > 1
+
+    def _device(self) -> torch.device:
+        """Where small bookkeeping tensors live: the first parameter's (local) device, so that a
+        collective over them works with any backend (NCCL refuses CPU tensors)."""
+        for g in self.param_groups:
+            for p in g["params"]:
+                return p.device
+        return torch.device("cpu")
 
     def _check_layout(self) -> None:
         """Once (again after ``add_param_group`` and ``load_state_dict``) when ``step()``
@@ -331,8 +346,8 @@ class Kron(torch.optim.Optimizer):
             return
         groups = [
             {
-                "params": [(tuple(p.shape), str(p.dtype)) for p in g["params"]],
-                **{k: _fingerprint(v) for k, v in g.items() if k != "params"},
+                "params": [(tuple(p.shape), str(p.dtype), p.requires_grad) for p in g["params"]],
+                **{k: _fingerprint(g.get(k)) for k in self._group_keys},  # not torch's or yours
             }
             for g in self.param_groups
         ]
@@ -349,17 +364,19 @@ class Kron(torch.optim.Optimizer):
         dist_.check_same_layout({"param_groups": groups, **settings}, self.process_group)
         self._layout_checked = True
 
-    def _agree(self, items: list, finite: Tensor) -> None:
-        """When ``step()`` communicates: the ranks step the same parameters with the same
-        finiteness and update decisions, or all raise the same ``RuntimeError`` (one small
-        all-reduce; a mismatch would otherwise hang or silently desynchronise the ranks)."""
+    def _agree(self, items: list, finite: Tensor | None = None) -> None:
+        """When ``step()`` communicates: the ranks step the same parameters with the same update
+        decisions (and, given ``finite``, the same finiteness), or all raise the same
+        ``RuntimeError`` (one small all-reduce; a mismatch would otherwise hang in the next
+        collective or silently desynchronise the ranks)."""
         pos = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        n = len(pos)
-        codes = torch.zeros(n, dtype=torch.int32, device=finite.device)
+        n, dev = len(pos), self._device()
+        codes = torch.zeros(n, dtype=torch.int32, device=dev)
         if items:
-            idx = torch.tensor([pos[p] for p, *_ in items], device=finite.device)
-            do = torch.tensor([it[2] for it in items], dtype=torch.int32, device=finite.device)
-            codes[idx] = 1 + finite.to(torch.int32) + 2 * do
+            idx = torch.tensor([pos[p] for p, *_ in items], device=dev)
+            do = torch.tensor([it[2] for it in items], dtype=torch.int32, device=dev)
+            ok = 1 if finite is None else finite.to(device=dev, dtype=torch.int32)
+            codes[idx] = 1 + ok + 2 * do
         both = torch.cat([codes, -codes])
         dist_.all_max(both, self.process_group)
         bad = (both[:n] != -both[n:]).nonzero().flatten().tolist()
@@ -435,6 +452,8 @@ class Kron(torch.optim.Optimizer):
         for p, *_ in items:
             if p.grad.is_sparse:
                 raise RuntimeError("Kron does not support sparse gradients; use dense gradients")
+        if self._collective():  # before any collective that depends on which params step
+            self._agree(items)
         grads = [self._grad(p) for p, *_ in items]  # FSDP2: gathered (a collective) or local
         finite = self._finite(items, grads, [hvs.get(p) for p, *_ in items])
         # nothing raised: commit the schedule's state (a failed step() leaves it untouched)
@@ -648,10 +667,10 @@ class Kron(torch.optim.Optimizer):
             if hv is not None:
                 f = f & torch.isfinite(hv[1]).all()
             flags.append(f)
-        dev = flags[0].device if flags else torch.device("cpu")
-        finite = (
-            torch.stack([f.to(dev) for f in flags]) if flags else torch.ones(0, dtype=torch.bool)
-        )
+        dev = flags[0].device if flags else self._device()
+        finite = torch.ones(0, dtype=torch.bool, device=dev)
+        if flags:
+            finite = torch.stack([f.to(dev) for f in flags])
         if self.dtensor == "local" and any(dist_.is_dtensor(p) for p, *_ in items):
             # each rank checks its own shard: skip a parameter on every rank if any shard is bad
             finite = dist_.all_min(finite.to(torch.uint8), self.process_group).bool()
@@ -760,6 +779,7 @@ class Kron(torch.optim.Optimizer):
             "nonfinite_count": self.nonfinite_count,
             "layout": [[tuple(p.shape) for p in g["params"]] for g in self.param_groups],
             "seed": self.seed,
+            "shard_of": self._shard_of(),
         }
         return sd
 
@@ -772,6 +792,13 @@ class Kron(torch.optim.Optimizer):
             )
         if extra.get("format") != STATE_FORMAT:
             raise ValueError(f"unknown psgd_lab.Kron state format {extra.get('format')!r}")
+        saved_of, here_of = extra.get("shard_of"), self._shard_of()
+        if saved_of != here_of:
+            raise ValueError(
+                f"this checkpoint holds {_shard_text(saved_of)}, and this optimiser needs "
+                f"{_shard_text(here_of)}: with dtensor='local' each rank saves and loads its own "
+                "file, under the same world size"
+            )
         here = [[tuple(p.shape) for p in g["params"]] for g in self.param_groups]
         saved = [[tuple(s) for s in g] for g in extra["layout"]]
         if saved != here:
@@ -808,16 +835,27 @@ class Kron(torch.optim.Optimizer):
         self.nonfinite_count = int(extra["nonfinite_count"])
         self.seed = int(extra["seed"])
 
+    def _shard_of(self) -> list[int] | None:
+        """``[rank, world]`` when the state is this rank's own (``dtensor="local"`` with FSDP2
+        parameters), else ``None`` (the state is whole)."""
+        self._collective()  # looks for DTensors once
+        if self.dtensor == "local" and self._has_dtensor:
+            return list(dist_.rank_and_size(self.process_group))
+        return None
+
     def _check_loaded(self, p: Tensor, group: dict, st: dict) -> None:
         """A checkpoint's state for ``p`` under the saved ``group`` settings, or ``ValueError``."""
         mu = group["mu_dtype"] or p.dtype
-        if st["momentum_buffer"].dtype != mu or tuple(st["momentum_buffer"].shape) != self._shape(
-            p
-        ):
+        mom, shape = st["momentum_buffer"], self._shape(p)
+        if tuple(mom.shape) != shape:
             raise ValueError(
-                f"checkpoint momentum is {st['momentum_buffer'].dtype} "
-                f"{tuple(st['momentum_buffer'].shape)} but this parameter ({tuple(p.shape)}, "
-                f"{p.dtype}, mu_dtype={group['mu_dtype']}) needs {mu}: load it into parameters "
+                f"checkpoint momentum has shape {tuple(mom.shape)} but this parameter needs "
+                f"{shape}" + (" (its local shard)" if shape != tuple(p.shape) else "")
+            )
+        if mom.dtype != mu:
+            raise ValueError(
+                f"checkpoint momentum is {mom.dtype} but this parameter ({p.dtype}, "
+                f"mu_dtype={group['mu_dtype']}) needs {mu}: load it into parameters "
                 "of the dtype it was saved with"
             )
         pd = _precond_dtype(group, p)
@@ -836,12 +874,20 @@ class Kron(torch.optim.Optimizer):
 
 
 def _fingerprint(value):
-    """A hyperparameter as every rank can compare it (no memory addresses)."""
+    """A hyperparameter as every rank can compare it (no memory addresses; NaN equals NaN)."""
     if isinstance(value, UpdateProbSchedule):
         return repr(value)
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
     if callable(value):
         return f"callable {getattr(value, '__qualname__', type(value).__name__)}"
     return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+
+
+def _shard_text(shard_of) -> str:
+    if shard_of is None:
+        return "the whole state"
+    return f"rank {shard_of[0]} of {shard_of[1]}'s shards"
 
 
 def _local(p: Tensor) -> Tensor:

@@ -75,6 +75,7 @@ def train(args, distributed: str | None, device, log=print) -> dict:
         lr=args.lr,
         preconditioner_update_probability=args.prob,
         distributed=distributed,
+        dtensor=args.dtensor,
     )
     start = 0
     if args.resume:
@@ -152,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wrap", choices=["ddp", "fsdp"], default="ddp")
     ap.add_argument("--distributed", choices=["none", "shard"], default="none")
     ap.add_argument("--compare", action="store_true", help="time 'none' against 'shard'")
+    ap.add_argument(
+        "--dtensor",
+        choices=["full", "local"],
+        default="full",
+        help="FSDP2 parameters: whole (exact) or each rank's shard on its own",
+    )
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--batch", type=int, default=64, help="global batch")

@@ -166,12 +166,17 @@ def _add_group_run(distributed, rank: int, world: int) -> list[torch.Tensor]:
     return _full_params(model)
 
 
-ERRORS = ("layout", "seed", "settings", "grad_none", "nan_one_rank", "newton_layout")
+ERRORS = (
+    "layout", "seed", "settings", "grad_none", "nan_one_rank", "newton_layout",
+    "fsdp_grad_none", "local_grad_none", "custom_key",
+)  # fmt: skip
 
 
 def _bad_use(name: str, rank: int, world: int) -> tuple[str, str] | None:
     """Ranks that disagree; every rank must raise (a hang fails the spawn's timeout)."""
     model = Net(hidden=33 + rank if "layout" in name else 33)
+    if name.startswith(("fsdp", "local")):
+        model = _wrap("fsdp", model)
     kw = dict(seed=39 + rank) if name == "seed" else {}
     if name == "settings":
         kw["max_size_triangular"] = 8192 if rank == 0 else 16
@@ -179,6 +184,10 @@ def _bad_use(name: str, rank: int, world: int) -> tuple[str, str] | None:
         kw["nonfinite"] = "raise"
     if name == "newton_layout":  # distributed=None: Newton mode's averaging checks too
         opt = Kron(model.parameters(), mode="newton")
+    elif name.startswith(("fsdp", "local")):  # FSDP2 gathers: agree before that collective
+        opt = Kron(model.parameters(), dtensor="local" if "local" in name else "full")
+    elif name == "custom_key":  # a user's own entry in a group is not Kron's to compare
+        opt = Kron([{"params": list(model.parameters()), "tag": object()}], distributed="shard")
     else:
         opt = Kron(model.parameters(), distributed="shard", **kw)
     x, y = _batch(0)
@@ -187,7 +196,7 @@ def _bad_use(name: str, rank: int, world: int) -> tuple[str, str] | None:
             opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
         else:
             torch.nn.functional.mse_loss(model(x), y).backward()
-            if name == "grad_none" and rank == 1:
+            if "grad_none" in name and rank == 1:
                 model.gain.grad = None
             if name == "nan_one_rank" and rank == 0:
                 model.gain.grad[0] = float("nan")
@@ -203,6 +212,11 @@ def _phase2(rank: int, world: int, out: str) -> None:
     for mode in MODES:
         model, opt = _make(mode)
         _load_model(mode, model, f"{out}/{mode}_model")
+        if "local" in mode:  # another rank's file is refused, with the reason
+            try:
+                opt.load_state_dict(torch.load(f"{out}/{mode}_optim_rank{1 - rank}.pt"))
+            except ValueError as e:
+                res["local_swap_error"] = str(e)
         name = f"{mode}_optim_rank{rank}" if "local" in mode else f"{mode}_optim"
         opt.load_state_dict(torch.load(f"{out}/{name}.pt"))  # the whole state, or this rank's
         _train(model, opt, HALF, STEPS, rank, world)
@@ -308,7 +322,7 @@ def test_resume_from_the_distributed_checkpoint_is_exact(runs, mode):
 @pytest.mark.parametrize(
     "name, kind, words",
     [
-        ("layout", "ValueError", ["rank 0 has (33, 8)", "rank 1 has (34, 8)"]),
+        ("layout", "ValueError", ["rank 0 has (33, 8", "rank 1 has (34, 8"]),
         ("seed", "ValueError", ["['seed']", "rank 0 has 39", "rank 1 has 40"]),
         ("settings", "ValueError", ["max_size_triangular", "8192", "16"]),
         (
@@ -317,7 +331,9 @@ def test_resume_from_the_distributed_checkpoint_is_exact(runs, mode):
             ["ranks disagree at step 0", "(0, 0)"],
         ),  # gain: own params first
         ("nan_one_rank", "RuntimeError", ["ranks disagree at step 0", "(0, 0)"]),
-        ("newton_layout", "ValueError", ["rank 0 has (33, 8)", "rank 1 has (34, 8)"]),
+        ("newton_layout", "ValueError", ["rank 0 has (33, 8", "rank 1 has (34, 8"]),
+        ("fsdp_grad_none", "RuntimeError", ["ranks disagree at step 0", "(0, 0)"]),
+        ("local_grad_none", "RuntimeError", ["ranks disagree at step 0", "(0, 0)"]),
     ],
 )
 def test_ranks_that_disagree_get_the_same_clear_error(runs, name, kind, words):
@@ -327,6 +343,16 @@ def test_ranks_that_disagree_get_the_same_clear_error(runs, name, kind, words):
     errors = [r[f"error_{name}"] for r in runs["phase1"]]
     assert errors[0] == errors[1] and errors[0] is not None
     assert errors[0][0] == kind and all(w in errors[0][1] for w in words), errors[0][1]
+
+
+def test_custom_entries_in_a_group_are_not_compared(runs):
+    assert all(r["error_custom_key"] is None for r in runs["phase1"])
+
+
+def test_a_local_checkpoint_loads_only_on_its_own_rank(runs):
+    for rank, r in enumerate(runs["phase2"]):
+        assert f"holds rank {1 - rank} of 2's shards" in r["local_swap_error"]
+        assert f"needs rank {rank} of 2's shards" in r["local_swap_error"]
 
 
 def test_a_group_added_later_keeps_the_owners_and_the_state(runs):
