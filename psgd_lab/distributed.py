@@ -4,14 +4,13 @@ Data parallelism (DDP) needs nothing from here: the gradients arrive averaged an
 the same deterministic step. ``Kron(distributed="shard")`` splits the step instead: each
 parameter has one owner rank (``assign_owners``, balanced by ``step_cost``) that keeps its
 momentum and ``Q`` and computes its update; the updated parameters then reach every rank by
-``broadcast_from_owners``. FSDP2 parameters are DTensors: ``full`` gathers a gradient,
-``local_part`` cuts a full update down to this rank's shard. All of it is ``torch.distributed``'s
+``broadcast_from_owners``. FSDP2 parameters are DTensors: ``local_part`` cuts a full
+update down to this rank's shard. All of it is ``torch.distributed``'s
 own collectives; nothing here is a communication layer of its own.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -118,11 +117,6 @@ def assign_owners(
     return owners
 
 
-def full(t: Tensor) -> Tensor:
-    """The whole tensor: a DTensor gathered (a collective), anything else as it is."""
-    return t.full_tensor() if is_dtensor(t) else t
-
-
 def local_part(whole: Tensor, like: Tensor) -> Tensor:
     """This rank's piece of ``whole`` (held by every rank) laid out as the DTensor ``like``: cut
     locally, no communication, on any device mesh."""
@@ -149,10 +143,15 @@ def broadcast_from_owners(tensors: Sequence[Tensor], owners: Sequence[int], grou
     for handle, flat, ts, r in work:
         handle.wait()
         if rank != r:
-            offset = 0
-            for t in ts:
-                t.copy_(flat[offset : offset + t.numel()].view_as(t))
-                offset += t.numel()
+            _unflatten_into(flat, ts)
+
+
+def _unflatten_into(flat: Tensor, ts: Sequence[Tensor]) -> None:
+    """Copy consecutive pieces of ``flat`` into ``ts`` (the inverse of ``cat`` of reshapes)."""
+    offset = 0
+    for t in ts:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
 def _empty_like_all(ts: Sequence[Tensor]) -> Tensor:
@@ -172,10 +171,7 @@ def average(tensors: Sequence[Tensor], group=None) -> None:
         flat = torch.cat([t.reshape(-1) for t in ts])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         flat /= size
-        offset = 0
-        for t in ts:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
+        _unflatten_into(flat, ts)
 
 
 def gather_objects(obj, group=None) -> list:
@@ -200,12 +196,3 @@ def all_min(t: Tensor, group=None) -> Tensor:
     if rank_and_size(group)[1] > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
     return t
-
-
-def balanced_load(costs: Sequence[float], owners: Sequence[int], size: int) -> list[float]:
-    """Each rank's share of the total cost (for ``Kron.describe`` and the notes)."""
-    total = math.fsum(costs) or 1.0
-    load = [0.0] * size
-    for c, r in zip(costs, owners):
-        load[r] += c
-    return [x / total for x in load]

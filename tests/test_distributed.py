@@ -370,7 +370,7 @@ def test_shard_without_a_process_group_is_a_clear_error():
 
 
 def test_owners_are_balanced_by_cost_and_the_same_for_every_rank():
-    from psgd_lab.distributed import assign_owners, balanced_load, step_cost
+    from psgd_lab.distributed import assign_owners, step_cost
     from psgd_lab.structure import make_plan
 
     big, small = make_plan((1024, 1024), (False, False)), make_plan((1024,), (True,))
@@ -378,10 +378,11 @@ def test_owners_are_balanced_by_cost_and_the_same_for_every_rank():
     costs = [step_cost(p) for p in (big, small, big, small, big, small)]
     owners = assign_owners(costs, 2)
     assert owners == assign_owners(list(costs), 2)  # deterministic
-    load = balanced_load(costs, owners, 2)
+    load = [sum(c for c, r in zip(costs, owners) if r == rank) / sum(costs) for rank in (0, 1)]
     assert sorted(owners[0::2]) == [0, 0, 1] and max(load) < 0.67  # 2 of 3 big ones at most
     assert assign_owners(costs, 1) == [0] * 6
     assert sorted(assign_owners([1.0] * 4, 4)) == [0, 1, 2, 3]
+    assert assign_owners([1.0, 1.0], 2, load=[5.0, 0.0]) == [1, 1]  # a later group: current loads
 
 
 def test_fsdp_local_blocks_train_like_one_process(runs):
