@@ -126,24 +126,29 @@ def local_part(whole: Tensor, like: Tensor) -> Tensor:
     return out.to_local()
 
 
+BUCKET_BYTES = 32 * 2**20  # one broadcast carries at most this much (or one larger tensor)
+
+
 def broadcast_from_owners(tensors: Sequence[Tensor], owners: Sequence[int], group=None) -> None:
-    """Give every rank the owner's values of each tensor, in place: one flat broadcast per owner
-    and dtype (``tensors`` and ``owners`` must agree on every rank)."""
+    """Give every rank the owner's values of each tensor, in place: flat broadcasts per owner
+    and dtype of at most ``BUCKET_BYTES`` each, so the extra memory stays one bucket
+    (``tensors`` and ``owners`` must agree on every rank)."""
     rank, size = rank_and_size(group)
     if size == 1:
         return
-    buckets: dict[tuple[int, torch.dtype, torch.device], list[Tensor]] = {}
+    buckets: dict[tuple[int, torch.dtype, torch.device], list[list[Tensor]]] = {}
     for t, r in zip(tensors, owners):
-        buckets.setdefault((r, t.dtype, t.device), []).append(t)
-    work = []
-    for (r, _, _), ts in buckets.items():
-        flat = torch.cat([t.reshape(-1) for t in ts]) if rank == r else _empty_like_all(ts)
+        chunks = buckets.setdefault((r, t.dtype, t.device), [[]])
+        if chunks[-1] and sum(x.nbytes for x in chunks[-1]) + t.nbytes > BUCKET_BYTES:
+            chunks.append([])
+        chunks[-1].append(t)
+    for (r, _, _), chunks in buckets.items():
         src = r if group is None else dist.get_global_rank(group, r)
-        work.append((dist.broadcast(flat, src, group=group, async_op=True), flat, ts, r))
-    for handle, flat, ts, r in work:
-        handle.wait()
-        if rank != r:
-            _unflatten_into(flat, ts)
+        for ts in chunks:
+            flat = torch.cat([t.reshape(-1) for t in ts]) if rank == r else _empty_like_all(ts)
+            dist.broadcast(flat, src, group=group)
+            if rank != r:
+                _unflatten_into(flat, ts)
 
 
 def _unflatten_into(flat: Tensor, ts: Sequence[Tensor]) -> None:

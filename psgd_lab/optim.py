@@ -502,25 +502,21 @@ class Kron(torch.optim.Optimizer):
         return p.grad
 
     def _exchange(self, replicated: list, sharded: list, rank: int) -> None:
-        """``distributed="shard"``: every rank gets the owners' results, by one flat broadcast
-        per owner over ``process_group``. Replicated parameters travel whole; for a DTensor the
-        owner sends the whole update ``P m`` and its clip scale, and each rank cuts its own shard
-        (locally, so any device mesh works)."""
-        tensors, owners = [p for p, _ in replicated], [r for _, r in replicated]
-        wholes = []
+        """``distributed="shard"``: every rank gets the owners' results by broadcasts over
+        ``process_group``. Replicated parameters travel whole, in buckets; for a DTensor the
+        owner sends the whole update ``P m`` and its clip scale, one parameter at a time (one
+        full-size buffer at once), and each rank cuts its own shard locally (any device mesh)."""
+        dist_.broadcast_from_owners(
+            [p for p, _ in replicated], [r for _, r in replicated], self.process_group
+        )
         for p, group, owner, update in sharded:
             if update is None:
-                pd = _precond_dtype(group, p)
                 dev = p.to_local().device
-                Pm = torch.zeros(p.shape, dtype=pd, device=dev)
-                scale = torch.zeros(1, dtype=Pm.real.dtype, device=dev)
+                Pm = torch.empty(p.shape, dtype=_precond_dtype(group, p), device=dev)
+                scale = torch.empty(1, dtype=Pm.real.dtype, device=dev)
             else:
                 Pm, scale = update[0].reshape(p.shape), update[1].reshape(1)
-            wholes.append((Pm, scale))
-            tensors += [Pm, scale]
-            owners += [owner, owner]
-        dist_.broadcast_from_owners(tensors, owners, self.process_group)
-        for (p, group, _, _), (Pm, scale) in zip(sharded, wholes):
+            dist_.broadcast_from_owners([Pm, scale], [owner, owner], self.process_group)
             local = dist_.local_part(Pm, p)
             _apply_update(p.to_local(), p.dim(), group, local, scale.reshape(()))
 

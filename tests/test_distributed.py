@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.fsdp import fully_shard
 
+import psgd_lab
 from psgd_lab import Kron
 
 STEPS, HALF, GLOBAL_BATCH = 50, 25, 32
@@ -130,6 +131,7 @@ def _load_model(mode: str, model, path: str) -> None:
 
 def _phase1(rank: int, world: int, out: str) -> None:
     torch.set_num_threads(1)
+    psgd_lab.distributed.BUCKET_BYTES = 1024  # several broadcasts per owner (torchrun: one)
     res = {}
     for mode in MODES:
         model, opt = _make(mode)
