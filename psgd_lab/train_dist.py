@@ -7,8 +7,9 @@ Every rank sees its own slice of each global batch (a fixed synthetic regression
 model is wrapped in DDP or sharded with FSDP2 (``fully_shard``). ``--compare`` trains twice in
 the same processes, ``distributed=None`` then ``"shard"``, and prints the wall-time ratios of the
 two from this one run and whether the parameters agree. ``--save DIR`` / ``--resume DIR`` write
-and read a checkpoint (model: ``torch.distributed.checkpoint``; optimiser: ``Kron``'s whole state
-dict, one file). Rank 0 prints; the backend is gloo on CPUs and NCCL on CUDA devices.
+and read one checkpoint file that loads under any world size (the model's full state dict from
+``torch.distributed.checkpoint.state_dict``; ``Kron``'s whole state dict). Rank 0 prints; the
+backend is gloo on CPUs and NCCL on CUDA devices.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import gc
 import json
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -79,7 +81,7 @@ def train(args, distributed: str | None, device, log=print) -> dict:
     )
     start = 0
     if args.resume:
-        start = _load(args.resume, args.wrap, model, opt)
+        start = _load(args.resume, model, opt)
         log(f"resumed from {args.resume} at step {start}")
     losses, step_ms, opt_ms = [], [], []
     for t in range(start, args.steps):
@@ -95,7 +97,7 @@ def train(args, distributed: str | None, device, log=print) -> dict:
         step_ms.append(1e3 * (t2 - t0))
         opt_ms.append(1e3 * (t2 - t1))
     if args.save:
-        _save(args.save, args.wrap, model, opt, args.steps)
+        _save(args.save, model, opt, args.steps)
         log(f"saved to {args.save} at step {args.steps}")
     losses = [x.item() for x in losses]  # one host sync, at the end
     params = [
@@ -121,23 +123,27 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _save(path: str, wrap: str, model, opt: Kron, step: int) -> None:
-    import torch.distributed.checkpoint as dcp
+def _save(path: str, model, opt: Kron, step: int) -> None:
+    """One file, loadable under any world size: the model's full state dict (gathered by
+    ``torch.distributed.checkpoint.state_dict``) and ``Kron``'s whole state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = opt.state_dict()  # a collective under distributed="shard"
-    dcp.save({"model": model.state_dict()}, checkpoint_id=os.path.join(path, "model"))
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(model, options=whole)  # collectives: every rank
+    optim_sd = opt.state_dict()  # a collective under distributed="shard"
     if dist.get_rank() == 0:
-        torch.save({"optim": state, "step": step}, os.path.join(path, "optim.pt"))
+        os.makedirs(path, exist_ok=True)
+        torch.save(
+            {"model": model_sd, "optim": optim_sd, "step": step}, os.path.join(path, "ckpt.pt")
+        )
     dist.barrier()
 
 
-def _load(path: str, wrap: str, model, opt: Kron) -> int:
-    import torch.distributed.checkpoint as dcp
+def _load(path: str, model, opt: Kron) -> int:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    sd = {"model": model.state_dict()}
-    dcp.load(sd, checkpoint_id=os.path.join(path, "model"))
-    model.load_state_dict(sd["model"])
-    saved = torch.load(os.path.join(path, "optim.pt"), map_location="cpu")
+    saved = torch.load(os.path.join(path, "ckpt.pt"), map_location="cpu")
+    set_model_state_dict(model, saved["model"], options=StateDictOptions(full_state_dict=True))
     opt.load_state_dict(saved["optim"])
     return int(saved["step"])
 
@@ -232,4 +238,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # End without interpreter finalisation: under load, gloo's worker threads can still be
+    # tearing down then, and about 1 launch in 8 died with SIGABRT ("terminate called without an
+    # active exception") after all its work and output were done (see pytorch PR 179291).
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -68,3 +68,20 @@ def test_readme_primitives_example_runs_and_fits(capsys):
     dist, diag = capsys.readouterr().out.splitlines()
     assert float(re.search(r"tensor\(([^,]+),", dist).group(1)) < 1e-10
     assert diag == "(True, False)"
+
+
+def test_ci_fails_when_the_test_command_fails(tmp_path):
+    """``set -e`` does not stop at a failing command inside an ``&&`` chain, so .ci/run must
+    carry the chain's status itself: run it with the README command swapped for ``false``."""
+    import subprocess
+
+    readme_cmd = next(
+        line
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if line.startswith("python3 -m venv .venv") and "--nbval" in line
+    )
+    script = (ROOT / ".ci" / "run").read_text().replace(readme_cmd, "true && false && true")
+    (tmp_path / ".ci").mkdir()
+    (tmp_path / ".ci" / "run").write_text(script)
+    done = subprocess.run(["bash", str(tmp_path / ".ci" / "run")], capture_output=True, text=True)
+    assert done.returncode != 0 and "exit status 1" in done.stdout
