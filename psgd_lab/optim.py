@@ -489,8 +489,7 @@ class Kron(torch.optim.Optimizer):
                 sharded.append((p, group, owner, update))
             else:  # every rank has the whole update: apply its own shard
                 Pm, scale = update
-                local = dist_.local_part(Pm.reshape(p.shape), p)
-                _apply_update(p.to_local(), p.dim(), group, local, scale)
+                _apply_shard(p, group, Pm, scale)
         if owners:
             self._exchange(replicated, sharded, rank)
         return loss
@@ -517,8 +516,7 @@ class Kron(torch.optim.Optimizer):
             else:
                 Pm, scale = update[0].reshape(p.shape), update[1].reshape(1)
             dist_.broadcast_from_owners([Pm, scale], [owner, owner], self.process_group)
-            local = dist_.local_part(Pm, p)
-            _apply_update(p.to_local(), p.dim(), group, local, scale.reshape(()))
+            _apply_shard(p, group, Pm, scale.reshape(()))
 
     def _decide(self, gi: int, group: dict, n: int) -> tuple[bool, int, float]:
         """The group's deterministic update decision, its next counter and ``prob(n)``: update when
@@ -773,7 +771,7 @@ class Kron(torch.optim.Optimizer):
                 **{k: g.get_state() for k, g in self._generators.items()},
             },
             "nonfinite_count": self.nonfinite_count,
-            "layout": [[tuple(p.shape) for p in g["params"]] for g in self.param_groups],
+            "layout": self._layout(),
             "seed": self.seed,
             "shard_of": self._shard_of(),
         }
@@ -795,7 +793,7 @@ class Kron(torch.optim.Optimizer):
                 f"{_shard_text(here_of)}: with dtensor='local' each rank saves and loads its own "
                 "file, under the same world size"
             )
-        here = [[tuple(p.shape) for p in g["params"]] for g in self.param_groups]
+        here = self._layout()
         saved = [[tuple(s) for s in g] for g in extra["layout"]]
         if saved != here:
             raise ValueError(
@@ -830,6 +828,10 @@ class Kron(torch.optim.Optimizer):
         self._layout_checked = False  # the loaded schedule state is compared at the next step
         self.nonfinite_count = int(extra["nonfinite_count"])
         self.seed = int(extra["seed"])
+
+    def _layout(self) -> list[list[tuple[int, ...]]]:
+        """Each group's parameter shapes (whole shapes for FSDP2 parameters)."""
+        return [[tuple(p.shape) for p in g["params"]] for g in self.param_groups]
 
     def _shard_of(self) -> list[int] | None:
         """``[rank, world]`` when the state is this rank's own (``dtensor="local"`` with FSDP2
@@ -878,6 +880,12 @@ def _fingerprint(value):
     if callable(value):
         return f"callable {getattr(value, '__qualname__', type(value).__name__)}"
     return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+
+
+def _apply_shard(p: Tensor, group: dict, Pm: Tensor, scale: Tensor) -> None:
+    """``_apply_update`` on this rank's shard of the DTensor ``p``, cut from the whole ``P m``."""
+    local = dist_.local_part(Pm.reshape(p.shape), p)
+    _apply_update(p.to_local(), p.dim(), group, local, scale)
 
 
 def _shard_text(shard_of) -> str:
