@@ -2,10 +2,11 @@
 
 Public API: ``Kron`` (the optimiser), ``precond_update_prob_schedule``, ``KronPreconditioner``,
 ``GEOMETRIES`` and the primitive modules ``structure``, ``factors``, ``linalg``, ``geometry``,
-``pairs``, ``schedules``, and ``distributed`` (what ``Kron`` uses from ``torch.distributed``).
+``pairs``, ``schedules``, ``distributed`` (what ``Kron`` uses from ``torch.distributed``) and
+``notebook`` (the deterministic set-up and machine-independent checks the notebooks share).
 """
 
-from . import distributed, factors, geometry, linalg, pairs, schedules, structure
+from . import distributed, factors, geometry, linalg, notebook, pairs, schedules, structure
 from .geometry import GEOMETRIES
 from .optim import Kron, ParamInfo
 from .preconditioner import KronPreconditioner
@@ -23,6 +24,7 @@ __all__ = [
     "factors",
     "geometry",
     "linalg",
+    "notebook",
     "pairs",
     "precond_update_prob_schedule",
     "schedules",

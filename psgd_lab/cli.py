@@ -1,5 +1,6 @@
-"""``psgd-lab reproduce | bench | info``: run the notebooks headless and regenerate ``figures/``;
-time the optimisers side by side; print versions."""
+"""``psgd-lab reproduce | bench | nbval-matrix | info``: run the notebooks headless and regenerate
+``figures/``; time the optimisers side by side; check the notebooks under simulated machines;
+print versions."""
 
 from __future__ import annotations
 
@@ -71,6 +72,21 @@ def reproduce(notebooks: list[Path], figures: Path) -> int:
     return 1 if errors else 0
 
 
+def nbval_matrix(notebooks: list[Path], configs: list[str] | None) -> int:
+    """Run nbval once per simulated machine; print a table; 1 if any configuration failed."""
+    from .notebook import MATRIX, run_matrix
+
+    paths = [str(p) for p in notebooks or sorted((ROOT / "notebooks").glob("*.ipynb"))]
+    results = run_matrix(paths, configs)
+    print("| configuration | environment | result | seconds |")
+    print("|---|---|---|---:|")
+    for name, status, seconds in results:
+        env = " ".join(f"{k}={v}" for k, v in MATRIX[name].items()) or "(native: nothing set)"
+        verdict = "pass" if status == 0 else f"FAIL (exit {status})"
+        print(f"| {name} | {env} | {verdict} | {seconds:.0f} |")
+    return 0 if all(status == 0 for _, status, _ in results) else 1
+
+
 def info() -> int:
     import torch
 
@@ -89,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("reproduce", help="execute every notebook and regenerate figures/")
     rep.add_argument("notebooks", nargs="*", type=Path, help="default: notebooks/*.ipynb")
     sub.add_parser("info", help="versions and available geometries")
+    mat = sub.add_parser(
+        "nbval-matrix",
+        help="run nbval over the notebooks under simulated machines (CPU kernels, threads, MKL)",
+    )
+    mat.add_argument("notebooks", nargs="*", type=Path, help="default: notebooks/*.ipynb")
+    mat.add_argument("--configs", nargs="*", help="default: all (see psgd_lab.notebook.MATRIX)")
     bench = sub.add_parser("bench", help="time AdamW, kron-torch, heavyball and psgd_lab.Kron")
     bench.add_argument(
         "--sets", nargs="*", choices=["mlp", "transformer", "conv"], help="default: all three"
@@ -103,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
+    if args.command == "nbval-matrix":
+        return nbval_matrix(args.notebooks, args.configs)
     if args.command == "bench":
         from . import bench as bench_mod
 

@@ -1,0 +1,173 @@
+"""What every notebook shares: a deterministic set-up, and checks that hold on any machine.
+
+A notebook's stored outputs are compared by nbval on machines we have never seen (other CPUs,
+other vector kernels, other thread counts), so what it prints in a checked cell must be stable
+by construction (``notebooks/README.md`` states the convention):
+
+- ``setup()`` in the first code cell: one thread (``$PSGD_LAB_THREADS`` overrides it), the
+  deterministic algorithms, seeded global RNGs and the figure style;
+- ``within(name, value, lo, hi)`` asserts a number the answer rests on lies in a stated bound and
+  prints only the bound, so the check passes wherever the conclusion holds;
+- ``check(claim, ok)`` asserts a qualitative conclusion and prints it.
+
+Exact values and per-seed tables go in cells marked ``# NBVAL_IGNORE_OUTPUT``: printed, stored
+with the notebook and quoted by its answer, but not compared digit for digit.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import random
+from dataclasses import dataclass
+
+import torch
+
+THREADS_ENV = "PSGD_LAB_THREADS"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What ``setup()`` fixed, and what it could not (printed by ``str()`` in an ignored cell)."""
+
+    threads: int
+    deterministic: bool
+    seed: int
+    cpu_capability: str
+    torch_version: str
+
+    def __str__(self) -> str:
+        return (
+            f"torch {self.torch_version}, {self.threads} thread(s), CPU kernels "
+            f"{self.cpu_capability}, deterministic algorithms {self.deterministic}, "
+            f"seed {self.seed}, {platform.machine()}"
+        )
+
+
+def setup(threads: int | None = None, seed: int = 0, deterministic: bool = True) -> Setup:
+    """Make a notebook kernel as deterministic as the hardware allows and apply the figure style.
+
+    ``threads`` defaults to ``$PSGD_LAB_THREADS`` or 1: one thread fixes the order of every
+    reduction inside an op, and the lab's problems are too small to gain from more. What remains
+    machine-dependent is the CPU's vector kernels (AVX-512, AVX2 or none; ``ATEN_CPU_CAPABILITY``
+    selects them) and BLAS code paths: float32 results may differ in the last bits, so checked
+    outputs are bounds, never raw digits.
+    """
+    if threads is None:
+        threads = int(os.environ.get(THREADS_ENV, "1"))
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1; got {threads!r}")
+    torch.set_num_threads(threads)
+    # warn_only: an op without a deterministic implementation (some CUDA kernels) warns, not fails
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy
+
+        numpy.random.seed(seed)
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        pass
+    try:
+        from . import plotting
+
+        plotting.set_style()
+    except ImportError:  # matplotlib/seaborn come with the [lab] extra
+        pass
+    return Setup(
+        threads=threads,
+        deterministic=deterministic,
+        seed=seed,
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        torch_version=torch.__version__,
+    )
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}" if math.isfinite(x) else str(x)
+
+
+def within(name: str, value: float, lo: float = -math.inf, hi: float = math.inf) -> float:
+    """Assert ``lo <= value <= hi`` and print ``✓ name in [lo, hi]``; return ``value``.
+
+    The bound is the claim the notebook's answer makes, with room for the machine-to-machine and
+    seed-to-seed spread (state how it was chosen in a comment beside the call). On failure the
+    ``AssertionError`` names the quantity, its value and the bound.
+    """
+    value = float(value)
+    if not lo <= hi:
+        raise ValueError(f"the bound of {name!r} is empty: [{lo}, {hi}]")
+    ok = lo <= value <= hi
+    if not ok:
+        raise AssertionError(
+            f"{name} = {value:.6g} is outside the bound the answer states, [{_fmt(lo)}, {_fmt(hi)}]"
+        )
+    if lo == -math.inf:
+        print(f"✓ {name} <= {_fmt(hi)}")
+    elif hi == math.inf:
+        print(f"✓ {name} >= {_fmt(lo)}")
+    else:
+        print(f"✓ {name} in [{_fmt(lo)}, {_fmt(hi)}]")
+    return value
+
+
+def check(claim: str, ok: bool, detail: str = "") -> None:
+    """Assert a qualitative conclusion and print ``✓ claim``; the ``AssertionError`` says what
+    was seen (``detail``) when it does not hold."""
+    if not bool(ok):
+        raise AssertionError(f"does not hold: {claim}" + (f" ({detail})" if detail else ""))
+    print(f"✓ {claim}")
+
+
+# ---------------------------------------------------------------------------- cross-machine check
+
+# Simulated machines for ``psgd-lab nbval-matrix``: CPU kernel dispatch (``ATEN_CPU_CAPABILITY``;
+# oneDNN's ``ONEDNN_MAX_CPU_ISA`` alike), the notebook kernels' thread count (``PSGD_LAB_THREADS``)
+# and MKL's conditional numerical reproducibility mode (``MKL_CBWR``: the code path MKL's BLAS
+# takes). "native" leaves each unset: the best this CPU has.
+MATRIX: dict[str, dict[str, str]] = {
+    "native-1t": {},
+    "native-2t-mkl-avx2": {THREADS_ENV: "2", "MKL_CBWR": "AVX2"},
+    "avx2-2t-mkl-avx2": {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "MKL_CBWR": "AVX2",
+        THREADS_ENV: "2",
+    },
+    "default-1t-mkl-compatible": {
+        "ATEN_CPU_CAPABILITY": "default",
+        "ONEDNN_MAX_CPU_ISA": "SSE41",
+        "MKL_CBWR": "COMPATIBLE",
+    },
+    "default-2t": {"ATEN_CPU_CAPABILITY": "default", THREADS_ENV: "2"},
+}
+
+
+def run_matrix(
+    notebooks: list[str], configs: list[str] | None = None, workers: int = 2
+) -> list[tuple[str, int, float]]:
+    """Run nbval over ``notebooks`` once per configuration of ``MATRIX`` (each in a fresh pytest
+    process whose environment the notebook kernels inherit); ``(config, exit status, seconds)``.
+
+    Two-thread configurations run one notebook at a time (two kernels of two threads would
+    oversubscribe a 2-core machine); one-thread ones use ``workers`` processes.
+    """
+    import subprocess
+    import sys
+    import time
+
+    unknown = sorted(set(configs or ()) - set(MATRIX))
+    if unknown:
+        raise ValueError(f"configs must be among {', '.join(MATRIX)}; got {unknown}")
+    results = []
+    for name in configs or list(MATRIX):
+        env = {**os.environ, **MATRIX[name]}
+        n = 1 if int(MATRIX[name].get(THREADS_ENV, "1")) > 1 else workers
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval"]
+        if n > 1:
+            cmd += ["-n", str(n), "--dist", "loadfile"]
+        start = time.perf_counter()
+        status = subprocess.run(cmd + list(notebooks), env=env).returncode
+        results.append((name, status, time.perf_counter() - start))
+    return results
