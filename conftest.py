@@ -1,6 +1,7 @@
 """Test-session set-up shared by tests/ and the nbval run over notebooks/."""
 
 import os
+import tempfile
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two xdist workers on two cores: one thread each, or OpenMP spin-waits oversubscribe the
@@ -9,3 +10,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
 
     torch.set_num_threads(1)
+
+
+def pytest_configure(config):
+    # nbval re-executes the notebooks, which save their figures: send them to a scratch folder
+    # (the kernels inherit the environment) so a test run never rewrites the committed figures/
+    if getattr(config.option, "nbval", False) and "PSGD_LAB_FIGURES" not in os.environ:
+        os.environ["PSGD_LAB_FIGURES"] = tempfile.mkdtemp(prefix="psgd_lab_nbval_figures_")
