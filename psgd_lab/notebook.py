@@ -88,8 +88,9 @@ def _fmt(x: float) -> str:
     return f"{x:g}" if math.isfinite(x) else str(x)
 
 
-def within(name: str, value: float, lo: float = -math.inf, hi: float = math.inf) -> float:
-    """Assert ``lo <= value <= hi`` and print ``✓ name in [lo, hi]``; return ``value``.
+def within(name: str, value: float, lo: float = -math.inf, hi: float = math.inf) -> None:
+    """Assert ``lo <= value <= hi`` and print ``✓ name in [lo, hi]``. Returns None, so a check
+    on a cell's last line adds no result for nbval to compare.
 
     The bound is the claim the notebook's answer makes, with room for the machine-to-machine and
     seed-to-seed spread (state how it was chosen in a comment beside the call). On failure the
@@ -109,7 +110,6 @@ def within(name: str, value: float, lo: float = -math.inf, hi: float = math.inf)
         print(f"✓ {name} >= {_fmt(lo)}")
     else:
         print(f"✓ {name} in [{_fmt(lo)}, {_fmt(hi)}]")
-    return value
 
 
 def check(claim: str, ok: bool, detail: str = "") -> None:
