@@ -23,11 +23,63 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-PARAM_SETS: dict[str, list[tuple[int, ...]]] = {
+Shapes = list[tuple[int, ...]]
+
+
+def gpt2_layout(
+    d: int = 768, layers: int = 12, vocab: int = 50257, positions: int = 1024
+) -> Shapes:
+    """GPT-2's parameter tensors (small: d = 768, 12 layers, 148 tensors) at width ``d``."""
+    block = [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,),
+             (4 * d, d), (d,)]  # fmt: skip
+    return [(vocab, d), (positions, d)] + block * layers + [(d,), (d,)]
+
+
+def _bn(c: int) -> Shapes:
+    return [(c,), (c,)]
+
+
+def resnet_layout(width: int = 64, blocks=(2, 2, 2, 2), bottleneck: bool = False) -> Shapes:
+    """A torchvision ResNet's parameter tensors at base width ``width`` (64 in the real nets):
+    ResNet-18 is ``blocks=(2, 2, 2, 2)`` (62 tensors), ResNet-50 ``(3, 4, 6, 3)`` with
+    ``bottleneck=True`` (161 tensors)."""
+    out = [(width, 3, 7, 7), *_bn(width)]
+    expansion = 4 if bottleneck else 1
+    inplanes = width
+    for stage, n in enumerate(blocks):
+        planes = width * 2**stage
+        for b in range(n):
+            if bottleneck:
+                out += [(planes, inplanes, 1, 1), *_bn(planes), (planes, planes, 3, 3),
+                        *_bn(planes), (planes * 4, planes, 1, 1), *_bn(planes * 4)]  # fmt: skip
+            else:
+                out += [(planes, inplanes, 3, 3), *_bn(planes), (planes, planes, 3, 3),
+                        *_bn(planes)]  # fmt: skip
+            if b == 0 and (stage > 0 or inplanes != planes * expansion):
+                out += [(planes * expansion, inplanes, 1, 1), *_bn(planes * expansion)]
+            inplanes = planes * expansion
+    return out + [(1000, inplanes), (1000,)]
+
+
+def vit_layout(d: int = 384, layers: int = 12, patch: int = 16, tokens: int = 197) -> Shapes:
+    """A ViT's parameter tensors (ViT-S/16: d = 384, 12 layers, 152 tensors) at width ``d``."""
+    block = [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,),
+             (d, 4 * d), (d,)]  # fmt: skip
+    head = [(d, 3, patch, patch), (d,), (1, 1, d), (1, tokens, d)]
+    return head + block * layers + [(d,), (d,), (1000, d), (1000,)]
+
+
+PARAM_SETS: dict[str, Shapes] = {
     "mlp": [(1024, 1024), (1024,)] * 3,
     "transformer": [(4096, 256)]
     + [(256, 768), (256, 256), (256, 1024), (1024, 256), (256,), (256,)] * 4,
     "conv": [(64, 3, 3, 3), (128, 64, 3, 3), (256, 128, 3, 3), (10, 4096)],
+    # real models' layouts at widths this CPU can time
+    "gpt2-d16": gpt2_layout(16),  # 148 tensors, compute negligible: per-tensor overhead
+    "gpt2-d128": gpt2_layout(128),
+    "resnet18-w16": resnet_layout(16),
+    "resnet50-w16": resnet_layout(16, (3, 4, 6, 3), bottleneck=True),
+    "vit-s-d192": vit_layout(192),
 }
 PROBS = (1.0, 0.03)
 

@@ -110,7 +110,7 @@ def _c(h: Tensor, i: int) -> float:
     return math.prod(shape) / shape[i] if shape else 1.0
 
 
-def _minus(T1: Tensor, T2: T2Term) -> Tensor:
+def difference(T1: Tensor, T2: T2Term) -> Tensor:
     """``T1 − T2`` where a float ``T2`` means ``T2 · I``. Overflowed entries become 0: the step
     is then 0 too (``_step``), so a pair that overflowed leaves the factor unchanged."""
     if isinstance(T2, Tensor):
@@ -143,7 +143,7 @@ def _step(ell: Tensor, L_i: Tensor, lr: float, lipschitz: str, beta_L: float) ->
     return torch.where(ok, step, torch.zeros_like(step))
 
 
-def _lr_over_L(T1, T2, L_i, q, lr, lipschitz, beta_L, norm_bound, start) -> Tensor:
+def step_size(T1, T2, L_i, q, lr, lipschitz, beta_L, norm_bound, start) -> Tensor:
     """``lr / L_i`` shaped against ``q``, after updating ``L_i`` from this pair's ``ℓ``."""
     if isinstance(T2, Tensor):
         ell = _bound(T1 + T2, norm_bound, start)
@@ -152,7 +152,7 @@ def _lr_over_L(T1, T2, L_i, q, lr, lipschitz, beta_L, norm_bound, start) -> Tens
     return _s(_step(ell, L_i, lr, lipschitz, beta_L), q)
 
 
-def _grams(Q, v, h, fits_p: bool):
+def terms(Q, v, h, fits_p: bool):
     """``T1 = gram_i(Ph, Ph)`` and ``T2 = gram_i(v, v)`` (or ``numel/d_i``) for every factor."""
     Ph = apply_p(Q, h, fits_p)
     for i, q in enumerate(Q):
@@ -173,8 +173,8 @@ def update_eq(Q, L, v, h, *, lr, lipschitz, beta_L, norm_bound, starts) -> None:
     for i, q in enumerate(Q):
         dense = is_dense(q)
         T1, T2 = gram_self(i, A, dense), gram_self(i, Bv, dense)
-        s = _lr_over_L(T1, T2, L[i], q, lr, lipschitz, beta_L, norm_bound, starts[i])
-        E = _minus(T1, T2)
+        s = step_size(T1, T2, L[i], q, lr, lipschitz, beta_L, norm_bound, starts[i])
+        E = difference(T1, T2)
         if dense:  # triu(E) and Q_i are upper-triangular: skip the zero blocks
             q.sub_(s * triu_matmul(E.triu_(), q))
         else:
@@ -187,17 +187,17 @@ def update_qeq(Q, L, v, h, *, lr, lipschitz, beta_L, norm_bound, starts) -> None
     With ``v`` integrated out ``T2 = c·I`` and ``Q_i T1 − T2 Q_i`` (MATH.md's whitening form) is
     the same; with an explicit ``v`` we keep ``Q_i (T1 − T2)``, whose generator is Hermitian.
     """
-    for i, q, T1, T2 in _grams(Q, v, h, fits_p=False):
-        s = _lr_over_L(T1, T2, L[i], q, lr, lipschitz, beta_L, norm_bound, starts[i])
-        E = _minus(T1, T2)
+    for i, q, T1, T2 in terms(Q, v, h, fits_p=False):
+        s = step_size(T1, T2, L[i], q, lr, lipschitz, beta_L, norm_bound, starts[i])
+        E = difference(T1, T2)
         q.sub_(s * (q @ E if is_dense(q) else q * E))
 
 
 def _eq_then_procrustes(Q, L, v, h, *, fits_p, lr, lipschitz, beta_L, norm_bound, starts):
     """``Q_i <- Q_i − lr/L_i · (T1 − T2) Q_i``, then Procrustes (once, or to convergence for P)."""
-    for i, q, T1, T2 in _grams(Q, v, h, fits_p=fits_p):
-        s = _lr_over_L(T1, T2, L[i], q, lr, lipschitz, beta_L, norm_bound, starts[i])
-        E = _minus(T1, T2)
+    for i, q, T1, T2 in terms(Q, v, h, fits_p=fits_p):
+        s = step_size(T1, T2, L[i], q, lr, lipschitz, beta_L, norm_bound, starts[i])
+        E = difference(T1, T2)
         if is_dense(q):
             q.sub_(s * E @ q)
             procrustes_until(q) if fits_p else procrustes_step(q)
@@ -219,9 +219,9 @@ def _quadratic(Q, L, v, h, *, fits_p, lr, lipschitz, beta_L, norm_bound, starts)
     """``p = Q_i − E Q_i; p = p − p E; Q_i <- (p + pᴴ)/2`` with ``E = lr/(2L_i)(T1 − T2)``;
     for factors of ``P`` (``QUAD4P``) ``E = lr/L_i (T1 − T2)``."""
     half = 1.0 if fits_p else 0.5
-    for i, q, T1, T2 in _grams(Q, v, h, fits_p=fits_p):
-        s = _lr_over_L(T1, T2, L[i], q, lr, lipschitz, beta_L, norm_bound, starts[i])
-        E = (half * s) * _minus(T1, T2)
+    for i, q, T1, T2 in terms(Q, v, h, fits_p=fits_p):
+        s = step_size(T1, T2, L[i], q, lr, lipschitz, beta_L, norm_bound, starts[i])
+        E = (half * s) * difference(T1, T2)
         if is_dense(q):
             p = q - E @ q
             p = p - p @ E
@@ -255,8 +255,8 @@ def update_qep(Q, L, v, h, *, lr, lipschitz, beta_L, norm_bound, starts) -> None
             T2 = gram_self(i, apply_one(q, i, v), dense)
         else:
             T2 = _c(h, i) * (q @ q.mH if dense else q * q.conj())
-        s = _lr_over_L(T1, T2, L[i], q, lr, lipschitz, beta_L, norm_bound, starts[i])
-        E = _minus(T1, T2)
+        s = step_size(T1, T2, L[i], q, lr, lipschitz, beta_L, norm_bound, starts[i])
+        E = difference(T1, T2)
         q.sub_(s * (E @ q if dense else E * q))
 
 

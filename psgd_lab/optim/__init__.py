@@ -5,9 +5,11 @@
 - ``newton``: the closure and Newton mode's ``(v, Hv)`` pairs;
 - ``placement``: replicated, ``"shard"``, FSDP2 ``"full"`` and ``"local"``;
 - ``checkpoint``: ``state_dict`` and its checks; ``streams``: per-parameter random streams;
+- ``memory``: factor structure, the memory warning and budget, ``describe()``;
 - ``config``: hyperparameter validation.
 """
 
-from .kron import Kron, ParamInfo
+from .kron import Kron
+from .memory import ParamInfo
 
 __all__ = ["Kron", "ParamInfo"]

@@ -33,6 +33,31 @@ def check_number(name: str, value, lo: float, hi: float, lo_open=False, hi_open=
         raise ValueError(f"{name} must be a number in {interval}; got {value!r}")
 
 
+def check_options(*, mode, hvp, nonfinite, kernel, seed, precond_cache, compile, distributed,
+                  dtensor) -> None:  # fmt: skip
+    """Validate ``Kron``'s optimiser-wide options; ``ValueError`` naming the argument."""
+    from .. import distributed as dist_
+    from ..pairs import HVP_METHODS
+
+    for name, value, allowed in [("mode", mode, MODES), ("hvp", hvp, HVP_METHODS),
+                                 ("nonfinite", nonfinite, NONFINITE), ("kernel", kernel, KERNELS),
+                                 ("distributed", distributed, dist_.DISTRIBUTED),
+                                 ("dtensor", dtensor, dist_.DTENSOR)]:  # fmt: skip
+        check_choice(name, value, allowed)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int; got {seed!r}")
+    for name, value in (("precond_cache", precond_cache), ("compile", compile)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False; got {value!r}")
+    if distributed == "shard" and dtensor == "local":
+        raise ValueError(
+            "dtensor='local' already keeps each rank's shards on that rank; it does not combine "
+            "with distributed='shard' (use one or the other)"
+        )
+    if distributed is not None:
+        dist_.require_process_group(distributed)
+
+
 def check_group(g: dict) -> None:
     """Validate one group's hyperparameters; ``ValueError`` naming the argument."""
     check_number("lr", g["lr"], 0, math.inf)
@@ -53,13 +78,9 @@ def check_group(g: dict) -> None:
     if g["precond_init_scale"] is not None:
         scale = g["precond_init_scale"]
         check_number("precond_init_scale", scale, 0, math.inf, lo_open=True, hi_open=True)
-    kinds = {"mu_dtype": "floating-point", "precond_dtype": "floating-point or complex"}
-    for name, kind in kinds.items():
-        dt = g[name]
-        ok = dt is None or (
-            isinstance(dt, torch.dtype)
-            and (dt.is_floating_point or (dt.is_complex and name == "precond_dtype"))
-        )
+    for name in ("mu_dtype", "precond_dtype"):
+        dt, kind = g[name], "floating-point or complex"
+        ok = dt is None or (isinstance(dt, torch.dtype) and (dt.is_floating_point or dt.is_complex))
         if not ok:
             raise ValueError(f"{name} must be None or a {kind} torch.dtype; got {dt!r}")
     if g["precond_dtype"] in (torch.float16, torch.complex32):
@@ -83,11 +104,13 @@ def check_param(p: Tensor, group: dict) -> None:
     if not (p.is_floating_point() or p.is_complex()):
         raise ValueError(f"Kron optimises floating-point or complex tensors; got {p.dtype}")
     mu = group["mu_dtype"]
-    if p.is_complex() and mu is not None and not mu.is_complex:
-        raise ValueError(
-            f"mu_dtype={mu} would drop the imaginary part of a {p.dtype} parameter's momentum; "
-            "use a complex mu_dtype (or None: the parameter's dtype)"
-        )
+    if mu is not None and p.is_complex() != mu.is_complex:
+        if p.is_complex():
+            raise ValueError(
+                f"mu_dtype={mu} would drop the imaginary part of a {p.dtype} parameter's "
+                "momentum; use a complex mu_dtype (or None: the parameter's dtype)"
+            )
+        raise ValueError(f"mu_dtype={mu} is complex but the parameter is {p.dtype}")
     precond_dtype(group, p)
 
 

@@ -230,7 +230,7 @@ def chunks(items: Sequence[Item], cap: int = CHUNK_BYTES) -> list[list[Item]]:
 
 
 def grouped_step(items: Sequence[Item], hy: Hyper, *, do_update: bool, prob: float | None,
-                 balance: bool, cache: dict, step_fn=stacked_step) -> list[tuple[Tensor, Tensor]]:  # fmt: skip
+                 balance: bool, cache: dict, step_fn=stacked_step) -> list:  # fmt: skip
     """The grouped kernel: one ``stacked_step`` per chunk of equal-structured tensors; results
     copied back into each tensor's state with ``torch._foreach_copy_``. ``cache``: per chunk of
     tensors, the ``P_i`` kept between calls."""
@@ -247,11 +247,22 @@ def grouped_step(items: Sequence[Item], hy: Hyper, *, do_update: bool, prob: flo
             hv = tuple(torch.stack([it.hv[j].reshape(fshape) for it in part]) for j in (0, 1))
         draws = Draws.stack([it.draws for it in part]) if do_update else None
         key = tuple(id(it.p) for it in part)
+        steps0, keep = torch.stack([st["step"] for st in sts]), cached_dims(part[0].plan, prob)
         M, steps, Q, L, init, U, ok, kept = step_fn(
-            G, torch.stack(moms), torch.stack([st["step"] for st in sts]), Q0, L, init, hv,
-            draws, hy=hy, do_update=do_update, balance=balance, keep=cached_dims(part[0].plan, prob),
+            G,
+            torch.stack(moms),
+            steps0,
+            Q0,
+            L,
+            init,
+            hv,
+            draws,
+            hy=hy,
+            do_update=do_update,
+            balance=balance,
+            keep=keep,
             cached=cache.get(key),
-        )  # fmt: skip
+        )
         cache[key] = kept
         torch._foreach_copy_(moms, list(M.unbind(0)))
         torch._foreach_copy_([st["step"] for st in sts], list(steps.unbind(0)))

@@ -12,7 +12,6 @@ import math
 import random
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -20,41 +19,12 @@ from torch import Tensor
 from .. import distributed as dist_
 from .. import factors
 from ..schedules import precond_update_prob_schedule
-from ..structure import KronPlan, diag_dims, fit_budget, make_plan, merged_shape
-from . import checkpoint, newton, placement
-from .config import (
-    KERNELS,
-    MODES,
-    NONFINITE,
-    Hyper,
-    check_choice,
-    check_group,
-    check_param,
-    itemsize,  # fmt: skip
-    mu_dtype,
-    precond_dtype,
-)
+from ..structure import KronPlan
+from . import checkpoint, memory, newton, placement
+from .config import Hyper, check_group, check_options, check_param, mu_dtype, precond_dtype
 from .kernels import Item, grouped_step, single_step, stacked_step
+from .memory import ParamInfo
 from .streams import LazyCount, Streams
-
-WARN_RATIO, WARN_BYTES = 16, 2**20  # warn when factors exceed 16x their parameter and 1 MiB
-
-
-@dataclass(frozen=True)
-class ParamInfo:
-    """What ``Kron`` keeps for one parameter (see ``Kron.describe``)."""
-
-    group: int
-    index: int
-    shape: tuple[int, ...]
-    factor_shape: tuple[int, ...]
-    diag: tuple[bool, ...]
-    factor_shapes: tuple[tuple[int, ...], ...]
-    momentum_bytes: int
-    precond_bytes: int
-    cache_bytes: int  # the cached P_i (0 with precond_cache=False or for PRO4P/QUAD4P)
-    owner: int = 0  # the rank that keeps this parameter's state (distributed="shard")
-    budget_diag: tuple[int, ...] = ()  # dims made diagonal by precond_budget
 
 
 class Kron(torch.optim.Optimizer):
@@ -129,23 +99,9 @@ class Kron(torch.optim.Optimizer):
     ):
         if preconditioner_update_probability is None:
             preconditioner_update_probability = precond_update_prob_schedule()
-        for name, value, allowed in [("mode", mode, MODES), ("hvp", hvp, ("autograd", "finite_difference")),
-                                     ("nonfinite", nonfinite, NONFINITE), ("kernel", kernel, KERNELS),
-                                     ("distributed", distributed, dist_.DISTRIBUTED),
-                                     ("dtensor", dtensor, dist_.DTENSOR)]:  # fmt: skip
-            check_choice(name, value, allowed)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int; got {seed!r}")
-        for name, value in (("precond_cache", precond_cache), ("compile", compile)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name} must be True or False; got {value!r}")
-        if distributed == "shard" and dtensor == "local":
-            raise ValueError(
-                "dtensor='local' already keeps each rank's shards on that rank; it does not "
-                "combine with distributed='shard' (use one or the other)"
-            )
-        if distributed is not None:
-            dist_.require_process_group(distributed)
+        check_options(mode=mode, hvp=hvp, nonfinite=nonfinite, kernel=kernel, seed=seed,
+                      precond_cache=precond_cache, compile=compile, distributed=distributed,
+                      dtensor=dtensor)  # fmt: skip
         defaults = dict(
             lr=lr, b1=b1, weight_decay=weight_decay,
             preconditioner_update_probability=preconditioner_update_probability,
@@ -191,7 +147,7 @@ class Kron(torch.optim.Optimizer):
         self._counters.append(0)
         self._draw_counts += [0] * len(group["params"])
         self._layout_checked, self._has_dtensor = False, None  # compared again at the next step
-        self._warn_memory(len(self.param_groups) - 1)
+        memory.warn(self, len(self.param_groups) - 1)
 
     def _shape(self, p: Tensor) -> tuple[int, ...]:
         """The shape Kron preconditions: ``p``'s, or its local shard's with ``dtensor="local"``."""
@@ -203,68 +159,12 @@ class Kron(torch.optim.Optimizer):
         return precond_dtype(group, p)
 
     def _structure(self, p: Tensor, group: dict, budget_dims: bool = False):
-        """The plan of ``p`` under ``group``'s settings (cached per parameter); its ``shape`` is
-        the factor shape (kron-torch's merged shape with ``merge_dims``). ``budget_dims``: also
-        return the dims ``precond_budget`` made diagonal."""
-        shape = self._shape(p)
-        keys = ("merge_dims", "max_size_triangular", "min_ndim_triangular", "memory_save_mode",
-                "max_skew", "precond_budget", "precond_dtype")  # fmt: skip
-        key = (shape, p.dtype, *(group[k] for k in keys))
-        cached = self._plans.get(id(p))
-        if cached is None or cached[0] != key:
-            fshape = merged_shape(shape) if group["merge_dims"] and len(shape) > 2 else shape
-            diag = diag_dims(fshape, group["max_size_triangular"], group["min_ndim_triangular"],
-                             group["memory_save_mode"], group["max_skew"])  # fmt: skip
-            forced: tuple = ()
-            if group["precond_budget"] is not None:
-                pd, n = precond_dtype(group, p), math.prod(shape)
-                limit = group["precond_budget"] * n * itemsize(p.dtype) / itemsize(pd)
-                diag, forced = fit_budget(fshape, diag, limit)
-            cached = self._plans[id(p)] = (key, make_plan(fshape, diag), forced)
-        return (cached[1], cached[2]) if budget_dims else cached[1]
-
-    def _warn_memory(self, gi: int) -> None:
-        """Once per optimiser: a parameter whose factors take more than ``WARN_RATIO`` times its
-        own bytes (and over ``WARN_BYTES``), named, with the settings that would shrink them."""
-        group = self.param_groups[gi]
-        for pi, p in enumerate(group["params"]):
-            plan = self._structure(p, group)
-            fbytes = plan.factor_numel() * itemsize(precond_dtype(group, p))
-            pbytes = max(p.numel() * p.element_size(), 1)
-            if "memory" not in self._warned and fbytes > max(WARN_RATIO * pbytes, WARN_BYTES):
-                self._warned.add("memory")
-                warnings.warn(
-                    f"Kron: parameter {pi} of group {gi}, shape {tuple(p.shape)} (factor shape "
-                    f"{plan.shape}), gets {fbytes / 2**20:.1f} MiB of preconditioner factors, "
-                    f"{fbytes / pbytes:.0f}x its own {pbytes / 2**10:.1f} KiB. precond_budget=4 "
-                    "makes its largest factors diagonal until they fit in 4x; max_skew=1 or "
-                    "memory_save_mode='one_diag' also shrink them",
-                    UserWarning,
-                    stacklevel=3,
-                )
+        return memory.structure(self, p, group, budget_dims)
 
     def describe(self) -> list[ParamInfo]:
         """Per parameter: its factor shapes, which dims are diagonal (and which ``precond_budget``
         made so), and the bytes of momentum, factors and cache. Valid before any step."""
-        cache_bytes: dict[int, int] = {}
-        for key, kept in self._cache.items():
-            ids = key if isinstance(key, tuple) else (key,)
-            for b, pid in enumerate(ids):
-                cache_bytes[pid] = sum(x[b].nbytes for x in kept or () if x is not None)
-        own, out = self._owners(), []
-        for gi, group in enumerate(self.param_groups):
-            for pi, p in enumerate(group["params"]):
-                plan, forced = self._structure(p, group, budget_dims=True)
-                shapes = tuple(tuple(s) for s in plan.factor_shapes())
-                out.append(ParamInfo(
-                    group=gi, index=pi, shape=tuple(p.shape), factor_shape=plan.shape,
-                    diag=plan.diag, factor_shapes=shapes,
-                    momentum_bytes=math.prod(self._shape(p)) * itemsize(mu_dtype(group, p)),
-                    precond_bytes=plan.factor_numel() * itemsize(precond_dtype(group, p)),
-                    cache_bytes=cache_bytes.get(id(p), 0), owner=own.get(p, 0),
-                    budget_diag=forced,
-                ))  # fmt: skip
-        return out
+        return memory.describe(self)
 
     def _owners(self) -> dict[Tensor, int]:
         return placement.owners(self)
@@ -295,7 +195,7 @@ class Kron(torch.optim.Optimizer):
         if self.mode == "newton":
             probes = {p: d.v.reshape(p.shape).to(p.dtype) for p, d in draws.items()}
             loss, hvs = newton.pairs(self, closure, [t[0] for t in todo], probes)
-        finite = self._screen(todo, hvs)
+        finite = placement.screen(self, todo, hvs)
         grads = {p: self._grad(p) for p, *_ in todo}  # FSDP2: a collective, in order on all ranks
         self._counters = [counter for _, counter, _ in decisions]  # nothing raised: commit
         self._prob_step += 1
@@ -377,34 +277,6 @@ class Kron(torch.optim.Optimizer):
             return p.grad.to_local() if self.dtensor == "local" else p.grad.full_tensor()
         return p.grad
 
-    def _screen(self, todo: list, hvs: dict) -> dict | None:
-        """Host-side finiteness where it is needed anyway: when ``step()`` communicates (the
-        ranks must agree) or with ``nonfinite="raise"``; ``{p: finite}`` or None (the kernels
-        mask non-finite tensors on the device)."""
-        comm = placement.collective(self)
-        if comm:
-            placement.agree(self, [(p, do) for p, _, do, _ in todo])
-        if not comm and self.nonfinite == "skip":
-            return None
-        flags = []
-        for p, *_ in todo:
-            f = torch.isfinite(p.grad.to_local() if dist_.is_dtensor(p.grad) else p.grad).all()
-            flags.append(f & torch.isfinite(hvs[p][1]).all() if p in hvs else f)
-        finite = torch.stack(flags) if flags else torch.ones(0, dtype=torch.bool)
-        finite = finite.to(placement.device(self))
-        if self.dtensor == "local" and any(dist_.is_dtensor(p) for p, *_ in todo):
-            finite = dist_.all_min(finite.to(torch.uint8), self.process_group).bool()
-        if comm:
-            placement.agree(self, [(p, do) for p, _, do, _ in todo], finite)
-        finite = finite.tolist()
-        if self.nonfinite == "raise" and not all(finite):
-            bad = [i for i, ok in enumerate(finite) if not ok]
-            raise FloatingPointError(
-                f"non-finite gradient (NaN/Inf) for parameter(s) at positions {bad} of this "
-                "step; pass nonfinite='skip' to skip such steps instead"
-            )
-        return {p: ok for (p, *_), ok in zip(todo, finite)}
-
     def _init_state(self, p: Tensor, group: dict, plan: KronPlan) -> dict:
         dev, scale = self._grad_device(p), group["precond_init_scale"]
         fits_p = Hyper.of(group, False).geometry.fits_p
@@ -437,7 +309,7 @@ class Kron(torch.optim.Optimizer):
                 self._nonfinite.add(torch.ones(len(skipped), dtype=torch.bool))
             stepped += [(p, group) for p, *_ in mine]
             items = []
-            for p, _, do, prob in mine:
+            for p, *_ in mine:
                 if own.get(p, rank) != rank:
                     continue
                 plan = self._structure(p, group)

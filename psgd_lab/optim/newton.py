@@ -49,8 +49,8 @@ def pairs(opt, closure: Callable | None, params: list[Tensor], probes: dict) -> 
                 f"grad; got {type(loss).__name__}"
             )
         try:
-            grads = torch.autograd.grad(loss, params, allow_unused=True,
-                                        create_graph=bool(upd) and opt.hvp == "autograd")  # fmt: skip
+            graph = bool(upd) and opt.hvp == "autograd"
+            grads = torch.autograd.grad(loss, params, allow_unused=True, create_graph=graph)
         except RuntimeError as e:
             if "second time" not in str(e):
                 raise

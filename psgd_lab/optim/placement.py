@@ -175,3 +175,34 @@ def exchange(opt, owned: dict, stepped: list, rank: int) -> None:
             okf = torch.empty(1, dtype=u.real.dtype, device=dev)
         dist_.broadcast_from_owners([u, okf], [r, r], opt.process_group)
         apply(opt, group, [(p, u, okf.reshape(()) > 0)])
+
+
+def screen(opt, todo: list, hvs: dict) -> dict | None:
+    """Host-side finiteness where it is needed anyway: when ``step()`` communicates (the ranks
+    must agree, before any collective that depends on which parameters step) or with
+    ``nonfinite="raise"``. ``{p: finite}``, or None: the kernels mask non-finite tensors on the
+    device. ``todo``: ``(p, group index, do_update, prob)``; a DTensor's gradient is finite
+    when every rank's shard is."""
+    comm = collective(opt)
+    entries = [(p, do) for p, _, do, _ in todo]
+    if comm:
+        agree(opt, entries)
+    if not comm and opt.nonfinite == "skip":
+        return None
+    flags = []
+    for p, *_ in todo:
+        f = torch.isfinite(local(p.grad) if dist_.is_dtensor(p.grad) else p.grad).all()
+        flags.append(f & torch.isfinite(hvs[p][1]).all() if p in hvs else f)
+    finite = torch.stack(flags).to(device(opt)) if flags else torch.ones(0, dtype=torch.bool)
+    if any(dist_.is_dtensor(p) for p, *_ in todo):
+        finite = dist_.all_min(finite.to(torch.uint8), opt.process_group).bool()
+    if comm:
+        agree(opt, entries, finite)
+    finite = finite.tolist()
+    if opt.nonfinite == "raise" and not all(finite):
+        bad = [i for i, ok in enumerate(finite) if not ok]
+        raise FloatingPointError(
+            f"non-finite gradient (NaN/Inf) for parameter(s) at positions {bad} of this step; "
+            "pass nonfinite='skip' to skip such steps instead"
+        )
+    return {p: ok for (p, *_), ok in zip(todo, finite)}
