@@ -170,8 +170,8 @@ def single_step(items: Sequence[Item], hy: Hyper, *, do_update: bool, prob: floa
 # ---------------------------------------------------------------------------- the grouped kernel
 
 
-def stacked_step(G, M, steps, Q, L, init, hv, draws, *, hy: Hyper, do_update: bool,
-                 balance: bool, keep: tuple, cached):  # fmt: skip
+def stacked_step(G, M, steps, Q, L, init, hv, draws, *, hy: Hyper, pd: torch.dtype,
+                 do_update: bool, balance: bool, keep: tuple, cached):  # fmt: skip
     """The grouped maths on stacks, without host syncs (a pure function of its inputs; what
     ``Kron(compile=True)`` compiles): returns ``(M, steps, Q, L, init, u, ok, P_i kept)``."""
     finite, nonzero = _stats(G)
@@ -181,8 +181,7 @@ def stacked_step(G, M, steps, Q, L, init, hv, draws, *, hy: Hyper, do_update: bo
     ok = finite
     M = torch.where(_per(ok, M), torch.lerp(M, G.to(M.dtype), 1 - hy.b1), M)
     steps = steps + ok
-    pd = Q[0].dtype
-    debias = _debias(hy.b1, steps, Q[0])
+    debias = _debias(hy.b1, steps, M.new_empty(0, dtype=pd))
     m_p = M.to(pd)
     if do_update:
         pair = None if hv is None else (hv[0].to(pd), hv[1].to(pd))
@@ -237,32 +236,26 @@ def grouped_step(items: Sequence[Item], hy: Hyper, *, do_update: bool, prob: flo
     out: dict[int, tuple[Tensor, Tensor]] = {}
     for part in chunks(items):
         sts, fshape = [it.state for it in part], part[0].plan.shape
-        G = torch.stack([it.grad.reshape(fshape) for it in part])
-        moms = [st["momentum_buffer"].view(fshape) for st in sts]
-        Q0 = factors.stack_factors([st["Q"] for st in sts])
+        key, keep = tuple(id(it.p) for it in part), cached_dims(part[0].plan, prob)
+        cached = cache.get(key)
+        kept_all = cached is not None and all(c is not None for k, c in zip(keep, cached) if k)
+        if do_update or not (kept_all and all(keep)) or hy.geometry.fits_p:
+            Q0 = factors.stack_factors([st["Q"] for st in sts])
+        else:  # every factor applied from its kept P_i: Q is not needed, not even stacked
+            Q0 = [None] * len(keep)
         L = None if "L" not in sts[0] else factors.stack_factors([st["L"] for st in sts])
         init = None if hy.init_scale is not None else torch.stack([st["initialised"] for st in sts])
         hv = None
         if part[0].hv is not None:
             hv = tuple(torch.stack([it.hv[j].reshape(fshape) for it in part]) for j in (0, 1))
         draws = Draws.stack([it.draws for it in part]) if do_update else None
-        key = tuple(id(it.p) for it in part)
-        steps0, keep = torch.stack([st["step"] for st in sts]), cached_dims(part[0].plan, prob)
+        moms = [st["momentum_buffer"].view(fshape) for st in sts]
         M, steps, Q, L, init, U, ok, kept = step_fn(
-            G,
-            torch.stack(moms),
-            steps0,
-            Q0,
-            L,
-            init,
-            hv,
-            draws,
-            hy=hy,
-            do_update=do_update,
-            balance=balance,
-            keep=keep,
-            cached=cache.get(key),
-        )
+            torch.stack([it.grad.reshape(fshape) for it in part]), torch.stack(moms),
+            torch.stack([st["step"] for st in sts]), Q0, L, init, hv, draws, hy=hy,
+            pd=sts[0]["Q"][0].dtype, do_update=do_update, balance=balance, keep=keep,
+            cached=cached,
+        )  # fmt: skip
         cache[key] = kept
         torch._foreach_copy_(moms, list(M.unbind(0)))
         torch._foreach_copy_([st["step"] for st in sts], list(steps.unbind(0)))
@@ -288,6 +281,7 @@ def apply_updates(targets: list[Tensor], us: list[Tensor], oks: list[Tensor], nd
         return
     decay = [i for i, n in enumerate(ndims) if n >= 2] if weight_decay != 0 else []
     if decay:
-        keep = [1 - lr * weight_decay * oks[i].to(targets[i].real.dtype) for i in decay]
-        torch._foreach_mul_([targets[i] for i in decay], keep)
+        ok = torch.stack([oks[i] for i in decay]).to(torch.float32)
+        keep = (1 - lr * weight_decay * ok).unbind(0)  # one op for the list, not three per tensor
+        torch._foreach_mul_([targets[i] for i in decay], list(keep))
     torch._foreach_add_(targets, [u.reshape(t.shape) for u, t in zip(us, targets)], alpha=-lr)
