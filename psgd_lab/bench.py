@@ -110,22 +110,32 @@ class Result:
         return (q[2] - q[0]) / 2
 
 
-def make_params(shapes: Sequence[tuple[int, ...]], seed: int = 0) -> tuple[list[Tensor], list]:
+def make_params(
+    shapes: Sequence[tuple[int, ...]], seed: int = 0, device: str | torch.device = "cpu"
+) -> tuple[list[Tensor], list]:
     """Parameters and one fixed gradient each (scaled like a real gradient, ~1e-3)."""
     g = torch.Generator().manual_seed(seed)
-    params = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.02) for s in shapes]
-    grads = [torch.randn(s, generator=g) * 1e-3 for s in shapes]
+    params = [torch.nn.Parameter((torch.randn(s, generator=g) * 0.02).to(device)) for s in shapes]
+    grads = [(torch.randn(s, generator=g) * 1e-3).to(device) for s in shapes]
     return params, grads
 
 
-def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
+def _sync(device) -> None:
+    """Wait for the device (timing an asynchronous accelerator needs it; the CPU does not)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 5, device="cpu") -> float:
     """This machine's measured dense float32 matmul throughput (GFLOP/s), the physical limit."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
     best = math.inf
     for _ in range(repeats):
+        _sync(device)
         t = time.perf_counter()
         a @ b
+        _sync(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
 
@@ -144,12 +154,12 @@ def _available(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def optimizers(fast: bool = True) -> dict[str, Callable]:
+def optimizers(fast: bool = True, compiled: bool = False) -> dict[str, Callable]:
     """name -> factory(params, prob) for every optimiser installed here (None if absent)."""
     from .optim import Kron
 
     out: dict[str, Callable | None] = {
-        "AdamW": lambda ps, prob: torch.optim.AdamW(ps, lr=1e-3),
+        "AdamW": lambda ps, prob: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
         "kron-torch": None,
         "heavyball PSGDKron": None,
         "psgd_lab": lambda ps, prob: Kron(ps, preconditioner_update_probability=prob),
@@ -158,6 +168,10 @@ def optimizers(fast: bool = True) -> dict[str, Callable]:
             ps, preconditioner_update_probability=prob, memory_save_mode="one_diag"
         ),
     }
+    if compiled:  # the grouped kernel compiled with torch.compile (one graph per structure)
+        out["psgd_lab compiled"] = lambda ps, prob: Kron(
+            ps, preconditioner_update_probability=prob, compile=True
+        )
     if not fast:
         del out["psgd_lab one_diag"]
     if _available("kron_torch"):
@@ -188,13 +202,15 @@ def run(
     warmup: int = 2,
     progress: bool = True,
     only: Sequence[str] | None = None,
+    device: str = "cpu",
+    compiled: bool = False,
 ) -> dict:
     """Time every installed optimiser (or those named in ``only``) on every parameter set;
     return a JSON-able dict (``table`` renders it)."""
     from tqdm import tqdm
 
     sets = sets or PARAM_SETS
-    factories = optimizers()
+    factories = optimizers(compiled=compiled)
     if only is not None:
         unknown = set(only) - set(factories)
         if unknown:
@@ -210,7 +226,7 @@ def run(
             for name, factory in factories.items():
                 if factory is None or (name == "AdamW" and prob != probs[0]):
                     continue
-                params, grads = make_params(shapes)
+                params, grads = make_params(shapes, device=device)
                 for p, g in zip(params, grads):
                     p.grad = g.clone()
                 res = Result(set_name, name, None if name == "AdamW" else prob)
@@ -229,8 +245,10 @@ def run(
                         p.grad = g
                     try:
                         with contextlib.redirect_stdout(io.StringIO()):  # kron-torch prints
+                            _sync(device)
                             t = time.perf_counter()
                             opt.step()
+                            _sync(device)
                             dt = time.perf_counter() - t
                     except Exception as exc:
                         res.note = f"failed: {type(exc).__name__}: {exc}"[:200]
@@ -259,7 +277,8 @@ def run(
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "processor": platform.machine(),
-            "matmul_gflops": matmul_gflops(),
+            "device": str(device),
+            "matmul_gflops": matmul_gflops(device=device),
         },
         "repeats": repeats,
         "skipped": skipped,
@@ -342,6 +361,10 @@ def _command(args) -> str:
     parts.append(f"--repeats {args.repeats} --warmup {args.warmup}")
     if args.only:
         parts.append("--only " + " ".join(repr(o) for o in args.only))
+    if args.device != "cpu":
+        parts.append(f"--device {args.device}")
+    if args.compiled:
+        parts.append("--compiled")
     if args.json:
         parts.append(f"--json {args.json}")
     return " ".join(parts)
@@ -367,7 +390,8 @@ def main(args) -> int:
     sets = {k: PARAM_SETS[k] for k in args.sets} if args.sets else dict(PARAM_SETS)
     if args.shapes:
         sets = {"custom": parse_shapes(args.shapes)}
-    report = run(sets, probs=args.probs, repeats=args.repeats, warmup=args.warmup, only=args.only)
+    report = run(sets, probs=args.probs, repeats=args.repeats, warmup=args.warmup, only=args.only,
+                 device=args.device, compiled=args.compiled)  # fmt: skip
     report["command"] = _command(args)
     print(table(report))
     if args.json:

@@ -11,7 +11,7 @@ from psgd_lab.structure import make_plan
 
 
 def random_factors(shape, diag, dtype=torch.float64, seed=0, batch=1):
-    """A stack of ``batch`` random factor sets (dense ones upper-triangular and well conditioned)."""
+    """A stack of ``batch`` random factor sets (dense ones upper-triangular, well conditioned)."""
     gen = torch.Generator().manual_seed(seed)
     if not shape:
         return [torch.randn(batch, generator=gen, dtype=dtype)]

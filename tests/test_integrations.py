@@ -78,8 +78,6 @@ def test_autocast_with_a_grad_scaler_matches_autocast_alone():
     torch.testing.assert_close(run(True), run(False), rtol=1e-6, atol=1e-7)
 
 
-
-
 class _LitModel:
     """Built lazily so that the module imports without Lightning installed."""
 

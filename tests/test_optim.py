@@ -834,7 +834,10 @@ def test_a_frozen_or_skipped_parameter_does_not_shift_the_others_draws():
 
     def run(freeze):
         g = torch.Generator().manual_seed(0)
-        a, b = torch.nn.Parameter(torch.randn(5, 4, generator=g)), torch.nn.Parameter(torch.zeros(3, 3))
+        a, b = (
+            torch.nn.Parameter(torch.randn(5, 4, generator=g)),
+            torch.nn.Parameter(torch.zeros(3, 3)),
+        )
         opt = Kron([b, a], preconditioner_update_probability=1.0)
         for t in range(10):
             a.grad = torch.randn(5, 4, generator=g)
