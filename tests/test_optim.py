@@ -708,24 +708,6 @@ def test_load_keeps_saved_values_not_only_dtypes():
     assert not torch.equal(sd["state"][0]["Q"][0], opt2.state[p]["Q"][0])
 
 
-def test_compiled_optimizer_step_matches_eager():
-    """``torch.compile(opt.step)``: the step is marked ``torch.compiler.disable`` (opt_einsum's
-    planning and the host-side schedule do not trace), so it runs eagerly and matches exactly."""
-
-    def run(compile_step):
-        model = mlp((6, 8, 1), seed=1)
-        opt = Kron(model.parameters(), lr=1e-2)
-        step = torch.compile(opt.step) if compile_step else opt.step
-        x = torch.randn(32, 6, generator=torch.Generator().manual_seed(0))
-        for _ in range(5):
-            opt.zero_grad()
-            model(x).square().mean().backward()
-            step()
-        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    assert torch.equal(run(True), run(False))
-
-
 # ---------------------------------------------------------------------------- drop-in bugs
 
 
