@@ -23,6 +23,18 @@ def _real(dtype: torch.dtype) -> torch.dtype:
     return torch.empty((), dtype=dtype).real.dtype
 
 
+def sq_norm(x: Tensor, dim, keepdim: bool = False) -> Tensor:
+    """``Σ |x|²`` over ``dim``: ``torch.linalg.vector_norm(x, dim=...)²`` without its slow CPU
+    reduction (over 10x slower on a 1024 x 1024 matrix here). Callers scale ``x`` first where
+    the squares could overflow."""
+    return (x * x.conj()).real.sum(dim=dim, keepdim=keepdim)
+
+
+def norm(x: Tensor, dim, keepdim: bool = False) -> Tensor:
+    """``‖x‖₂`` over ``dim`` (see ``sq_norm``)."""
+    return sq_norm(x, dim, keepdim).sqrt()
+
+
 def norm_lower_bound_power(A: Tensor) -> Tensor:
     """Lower bound of ``‖A‖₂`` per matrix (shape ``(...)``) from one power step from A's largest
     column (kron-torch's bound): with ``c`` that column and ``y = Aᴴc``, ``‖A y‖ / ‖y‖ ≤ ‖A‖₂``.
@@ -30,11 +42,11 @@ def norm_lower_bound_power(A: Tensor) -> Tensor:
     max_abs = A.abs().amax(dim=(-2, -1))
     scale = max_abs.clamp(min=_tiny(max_abs.dtype))
     A = A / scale[..., None, None].to(A.dtype)
-    j = torch.linalg.vector_norm(A, dim=-2).argmax(dim=-1)  # the largest column
+    j = sq_norm(A, -2).argmax(dim=-1)  # the largest column
     c = torch.take_along_dim(A, j[..., None, None].expand(*A.shape[:-1], 1), dim=-1)
     y = A.mH @ c
-    y = y / torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True).clamp(min=_tiny(scale.dtype))
-    return torch.linalg.vector_norm(A @ y, dim=(-2, -1)) * max_abs
+    y = y / norm(y, (-2, -1), keepdim=True).clamp(min=_tiny(scale.dtype))
+    return norm(A @ y, (-2, -1)) * max_abs
 
 
 def norm_lower_bound_subspace(A: Tensor, start: Tensor, half_iters: int = 2) -> Tensor:
@@ -47,15 +59,15 @@ def norm_lower_bound_subspace(A: Tensor, start: Tensor, half_iters: int = 2) -> 
     smallest = torch.finfo(A.dtype).smallest_normal
     scale = A.abs().amax(dim=(-2, -1), keepdim=True) + smallest
     A = A / scale
-    j = torch.linalg.vector_norm(A, dim=-1).argmax(dim=-1)  # the largest row
+    j = sq_norm(A, -1).argmax(dim=-1)  # the largest row
     row = torch.take_along_dim(A, j[..., None, None].expand(*A.shape[:-2], 1, A.shape[-1]), dim=-2)
     V = start.to(A.dtype)
     V = row + torch.sgn((row * V.conj()).sum(dim=-1, keepdim=True)) * V
     for _ in range(half_iters):
         V = V @ A
-        V = V / (torch.linalg.vector_norm(V, dim=-1, keepdim=True) + smallest)
+        V = V / (norm(V, -1, keepdim=True) + smallest)
         V = V @ A
-    return scale[..., 0, 0].real * torch.linalg.vector_norm(V, dim=-1).amax(dim=-1)
+    return scale[..., 0, 0].real * norm(V, -1).amax(dim=-1)
 
 
 def norm_lower_bound(A: Tensor, method: str = "power", start: Tensor | None = None) -> Tensor:
@@ -90,8 +102,8 @@ def procrustes_step(Q: Tensor, max_step: float = 0.125) -> Tensor:
 
 def hermitian_defect(Q: Tensor) -> Tensor:
     """``‖Qᴴ − Q‖_F / ‖Q‖_F`` per matrix (0 for a Hermitian one)."""
-    num = torch.linalg.matrix_norm(Q.mH - Q)
-    return num / torch.linalg.matrix_norm(Q).clamp(min=_tiny(num.dtype))
+    num = sq_norm(Q.mH - Q, (-2, -1))
+    return (num / sq_norm(Q, (-2, -1)).clamp(min=_tiny(num.dtype))).sqrt()
 
 
 def procrustes_until(Q: Tensor, tol: float = 1e-3, max_iters: int = 10) -> Tensor:
@@ -129,7 +141,8 @@ def triu_matmul(A: Tensor, B: Tensor) -> Tensor:
     if d <= _LEAF:
         return A @ B
     k = d // 2
-    out = torch.zeros_like(B)
+    out = torch.empty_like(B)
+    out[..., k:, :k] = 0
     out[..., :k, :k] = triu_matmul(A[..., :k, :k], B[..., :k, :k])
     out[..., k:, k:] = triu_matmul(A[..., k:, k:], B[..., k:, k:])
     out[..., :k, k:] = A[..., :k, :k] @ B[..., :k, k:] + A[..., :k, k:] @ B[..., k:, k:]

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .. import factors
 from .. import geometry as geo
+from ..linalg import norm
 from ..pairs import Draws
 from ..structure import KronPlan
 from .config import Hyper
@@ -109,7 +110,7 @@ def _clip(Pm: Tensor, debias: Tensor) -> Tensor:
     """Per tensor of the stack: ``scale`` with ``u = scale · P m`` = ``P m̂`` clipped to RMS 1.1
     (MATH.md §5.4); ``P`` is linear, so the debias folds into the scale."""
     n = math.prod(Pm.shape[1:])
-    rms = torch.linalg.vector_norm(Pm.reshape(Pm.shape[0], -1), dim=1) / (math.sqrt(n) * debias)
+    rms = norm(Pm.reshape(Pm.shape[0], -1), 1) / (math.sqrt(n) * debias)
     return torch.clamp(1.1 / (rms + 1e-12), max=1.0) / debias
 
 
@@ -117,6 +118,13 @@ def _debias(b1: float, steps: Tensor, like: Tensor) -> Tensor:
     """``1 − b1ᵗ`` per tensor; 1 before a tensor's first finite step (its momentum is still 0)."""
     real = torch.promote_types(like.real.dtype, torch.float32)
     return torch.where(steps > 0, 1 - torch.pow(b1, steps.to(real)), 1.0)
+
+
+def _momentum(M: Tensor, G: Tensor, b1: float, ok: Tensor) -> Tensor:
+    """``m <- b1·m + (1 − b1)·g`` (MATH.md §5.1) where ``ok``, ``m`` where not: a weight of 0
+    keeps ``m`` exactly, and ``nan_to_num`` (the identity on a finite gradient) keeps NaN out of
+    ``0·(g − m)``. Arithmetic, not ``torch.where``, which is several times slower on the CPU."""
+    return torch.lerp(M, torch.nan_to_num(G.to(M.dtype)), _per((1 - b1) * ok, M).to(M.dtype))
 
 
 def _per(x: Tensor, like: Tensor) -> Tensor:
@@ -142,7 +150,7 @@ def single_step(items: Sequence[Item], hy: Hyper, *, do_update: bool, prob: floa
                         torch.zeros((), dtype=torch.bool, device=g.device)))  # fmt: skip
             continue
         m = st["momentum_buffer"].view(1, *fshape)
-        m.lerp_(g.to(m.dtype), 1 - hy.b1)
+        m.copy_(_momentum(m, g, hy.b1, finite.reshape(1)))
         st["step"] += 1
         Q = [q.unsqueeze(0) for q in st["Q"]]  # views: updated in place
         pd = Q[0].dtype
@@ -179,7 +187,7 @@ def stacked_step(G, M, steps, Q, L, init, hv, draws, *, hy: Hyper, pd: torch.dty
         hv_finite, nonzero = _stats(hv[1])
         finite = finite & hv_finite
     ok = finite
-    M = torch.where(_per(ok, M), torch.lerp(M, G.to(M.dtype), 1 - hy.b1), M)
+    M = _momentum(M, G, hy.b1, ok)
     steps = steps + ok
     debias = _debias(hy.b1, steps, M.new_empty(0, dtype=pd))
     m_p = M.to(pd)
@@ -202,30 +210,36 @@ def stacked_step(G, M, steps, Q, L, init, hv, draws, *, hy: Hyper, pd: torch.dty
 
 
 def _stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per tensor of the stack: all finite, and not all zero. One pass for real tensors: NaN and
-    ±Inf reach the minimum or the maximum, and a tensor is all zero iff both are 0."""
+    """Per tensor of the stack: all finite, and not all zero, from ``max|x|`` (NaN propagates
+    through ``amax``; the tensor is all zero iff it is 0). Two cheap passes: ``torch.aminmax``
+    and ``torch.where`` over a dim are many times slower on the CPU."""
     flat = x.reshape(x.shape[0], -1)
     if flat.shape[1] == 0:
-        return torch.ones_like(flat[:, 0], dtype=torch.bool), torch.zeros_like(
-            flat[:, 0], dtype=torch.bool
-        )
-    if flat.is_complex():
-        return torch.isfinite(flat).all(1), (flat != 0).any(1)
-    lo, hi = torch.aminmax(flat, dim=1)
-    return torch.isfinite(lo) & torch.isfinite(hi), (lo != 0) | (hi != 0)
+        none = torch.zeros(flat.shape[0], dtype=torch.bool, device=x.device)
+        return ~none, none
+    top = flat.abs().amax(dim=1)
+    return torch.isfinite(top), top > 0
 
 
 def chunks(items: Sequence[Item], cap: int = CHUNK_BYTES) -> list[list[Item]]:
     """Items grouped by ``Item.key`` (in first-seen order), each group split so a stack holds at
     most ``cap`` bytes of gradient (or one tensor)."""
-    groups: dict[tuple, list[list[Item]]] = {}
+    groups: dict[tuple, list[tuple[int, list[Item]]]] = {}
     for it in items:
-        parts = groups.setdefault(it.key(), [[]])
-        size = sum(x.grad.nbytes for x in parts[-1])
-        if parts[-1] and size + it.grad.nbytes > cap:
-            parts.append([])
-        parts[-1].append(it)
-    return [part for parts in groups.values() for part in parts]
+        parts = groups.setdefault(it.key(), [(0, [])])
+        size, part = parts[-1]
+        nbytes = it.grad.nbytes
+        if part and size + nbytes > cap:
+            parts.append((0, []))
+            size, part = parts[-1]
+        part.append(it)
+        parts[-1] = (size + nbytes, part)
+    return [part for parts in groups.values() for _, part in parts]
+
+
+def _stack(xs: list[Tensor]) -> Tensor:
+    """``torch.stack``, or a view for a stack of one (no copy)."""
+    return xs[0].unsqueeze(0) if len(xs) == 1 else torch.stack(xs)
 
 
 def grouped_step(items: Sequence[Item], hy: Hyper, *, do_update: bool, prob: float | None,
@@ -251,8 +265,8 @@ def grouped_step(items: Sequence[Item], hy: Hyper, *, do_update: bool, prob: flo
         draws = Draws.stack([it.draws for it in part]) if do_update else None
         moms = [st["momentum_buffer"].view(fshape) for st in sts]
         M, steps, Q, L, init, U, ok, kept = step_fn(
-            torch.stack([it.grad.reshape(fshape) for it in part]), torch.stack(moms),
-            torch.stack([st["step"] for st in sts]), Q0, L, init, hv, draws, hy=hy,
+            _stack([it.grad.reshape(fshape) for it in part]), _stack(moms),
+            _stack([st["step"] for st in sts]), Q0, L, init, hv, draws, hy=hy,
             pd=sts[0]["Q"][0].dtype, do_update=do_update, balance=balance, keep=keep,
             cached=cached,
         )  # fmt: skip

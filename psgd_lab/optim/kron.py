@@ -253,13 +253,15 @@ class Kron(torch.optim.Optimizer):
         """Each updating parameter's draws from its own stream (every parameter in Newton mode,
         whose ``v`` every rank needs; only the owned ones in whitening)."""
         own, rank = self._owners(), dist_.rank_and_size(self.process_group)[0]
-        out = {}
+        out, hypers = {}, {}
         for p, gi, do, _ in todo:
             if not do:
                 continue
             i, group = self._index(p), self.param_groups[gi]
             if self.mode == "newton" or own.get(p, rank) == rank:
-                hy, plan = Hyper.of(group, self.mode == "newton"), self._structure(p, group)
+                if gi not in hypers:
+                    hypers[gi] = Hyper.of(group, self.mode == "newton")
+                hy, plan = hypers[gi], self._structure(p, group)
                 out[p] = self._streams.draws(
                     i, counts[i], plan, hy.geometry.starts(plan, hy.norm_bound),
                     probe=True, noise=not isinstance(hy.damping, str) and hy.damping > 0,

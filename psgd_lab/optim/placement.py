@@ -141,14 +141,17 @@ def local(p: Tensor) -> Tensor:
 def apply(opt, group: dict, results: list[tuple[Tensor, Tensor, Tensor]]) -> None:
     """Apply ``(p, u, ok)`` of one group on this rank: plain and local-shard parameters in one
     ``torch._foreach`` pass; a whole DTensor's update cut to this rank's shard first."""
-    targets, us = [], []
-    for p, u, _ in results:
-        if whole(opt, p):
-            targets.append(p.to_local())
-            us.append(dist_.local_part(u.reshape(p.shape), p))
-        else:
-            targets.append(local(p))
-            us.append(u)
+    if not opt._has_dtensor:  # the common case, without a check per parameter
+        targets, us = [p for p, *_ in results], [u for _, u, _ in results]
+    else:
+        targets, us = [], []
+        for p, u, _ in results:
+            if whole(opt, p):
+                targets.append(p.to_local())
+                us.append(dist_.local_part(u.reshape(p.shape), p))
+            else:
+                targets.append(local(p))
+                us.append(u)
     apply_updates(targets, us, [ok for *_, ok in results], [p.dim() for p, *_ in results],
                   group["lr"], group["weight_decay"])  # fmt: skip
 

@@ -62,7 +62,7 @@ class Streams:
             gen = self._gens[str(device)] = torch.Generator(device=device)
         gen.manual_seed(stream_seed(self.seed, index, count))
         return draw(plan, starts, probe=probe, noise=noise, dtype=dtype, device=device,
-                    generator=gen, randn=lambda *a, **k: randn(*a, **k))  # fmt: skip
+                    generator=gen, randn=randn)  # fmt: skip
 
 
 class LazyCount:
