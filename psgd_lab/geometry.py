@@ -111,14 +111,16 @@ def _c(h: Tensor, i: int) -> float:
 
 
 def difference(T1: Tensor, T2: T2Term) -> Tensor:
-    """``T1 − T2`` where a float ``T2`` means ``T2 · I``. Overflowed entries become 0: the step
-    is then 0 too (``_step``), so a pair that overflowed leaves the factor unchanged."""
+    """``T1 − T2``, computed in ``T1``'s storage (``T1`` is spent), where a float ``T2`` means
+    ``T2 · I``. Overflowed entries become 0: the step is then 0 too (``_step``), so a pair that
+    overflowed leaves the factor unchanged."""
     if isinstance(T2, Tensor):
-        E = T1 - T2
+        E = T1.sub_(T2)
     elif T1.dim() == 3:
-        E = T1 - T2 * torch.eye(T1.shape[-1], dtype=T1.dtype, device=T1.device)
+        E = T1
+        E.diagonal(dim1=-2, dim2=-1).sub_(T2)
     else:
-        E = T1 - T2
+        E = T1.sub_(T2)
     return E.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
@@ -176,9 +178,9 @@ def update_eq(Q, L, v, h, *, lr, lipschitz, beta_L, norm_bound, starts) -> None:
         s = step_size(T1, T2, L[i], q, lr, lipschitz, beta_L, norm_bound, starts[i])
         E = difference(T1, T2)
         if dense:  # triu(E) and Q_i are upper-triangular: skip the zero blocks
-            q.sub_(s * triu_matmul(E.triu_(), q))
+            q.addcmul_(triu_matmul(E.triu_(), q), s, value=-1)
         else:
-            q.sub_(s * E * q)
+            q.addcmul_(E.mul_(q), s, value=-1)
 
 
 def update_qeq(Q, L, v, h, *, lr, lipschitz, beta_L, norm_bound, starts) -> None:
@@ -190,7 +192,7 @@ def update_qeq(Q, L, v, h, *, lr, lipschitz, beta_L, norm_bound, starts) -> None
     for i, q, T1, T2 in terms(Q, v, h, fits_p=False):
         s = step_size(T1, T2, L[i], q, lr, lipschitz, beta_L, norm_bound, starts[i])
         E = difference(T1, T2)
-        q.sub_(s * (q @ E if is_dense(q) else q * E))
+        q.addcmul_(q @ E if is_dense(q) else E.mul_(q), s, value=-1)
 
 
 def _eq_then_procrustes(Q, L, v, h, *, fits_p, lr, lipschitz, beta_L, norm_bound, starts):
@@ -199,10 +201,10 @@ def _eq_then_procrustes(Q, L, v, h, *, fits_p, lr, lipschitz, beta_L, norm_bound
         s = step_size(T1, T2, L[i], q, lr, lipschitz, beta_L, norm_bound, starts[i])
         E = difference(T1, T2)
         if is_dense(q):
-            q.sub_(s * E @ q)
+            q.addcmul_(E @ q, s, value=-1)
             procrustes_until(q) if fits_p else procrustes_step(q)
         else:
-            q.mul_(1 - s * E)
+            q.mul_(E.mul_(s).neg_().add_(1))
 
 
 def update_q05eq15(Q, L, v, h, **kw) -> None:
@@ -257,7 +259,7 @@ def update_qep(Q, L, v, h, *, lr, lipschitz, beta_L, norm_bound, starts) -> None
             T2 = _c(h, i) * (q @ q.mH if dense else q * q.conj())
         s = step_size(T1, T2, L[i], q, lr, lipschitz, beta_L, norm_bound, starts[i])
         E = difference(T1, T2)
-        q.sub_(s * (E @ q if dense else E * q))
+        q.addcmul_(E @ q if dense else E.mul_(q), s, value=-1)
 
 
 for _g in (

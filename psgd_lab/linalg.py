@@ -35,18 +35,29 @@ def norm(x: Tensor, dim, keepdim: bool = False) -> Tensor:
     return sq_norm(x, dim, keepdim).sqrt()
 
 
+def _max_abs(A: Tensor) -> Tensor:
+    """``max|A|`` per matrix; for a real ``A`` from its max and min, without an ``|A|`` copy."""
+    if A.is_complex():
+        return A.abs().amax(dim=(-2, -1))
+    return torch.maximum(A.amax(dim=(-2, -1)), -A.amin(dim=(-2, -1)))
+
+
 def norm_lower_bound_power(A: Tensor) -> Tensor:
     """Lower bound of ``‖A‖₂`` per matrix (shape ``(...)``) from one power step from A's largest
     column (kron-torch's bound): with ``c`` that column and ``y = Aᴴc``, ``‖A y‖ / ‖y‖ ≤ ‖A‖₂``.
-    ``A`` is scaled by ``max|A|`` first against over/underflow; ``A = 0`` gives 0."""
-    max_abs = A.abs().amax(dim=(-2, -1))
-    scale = max_abs.clamp(min=_tiny(max_abs.dtype))
-    A = A / scale[..., None, None].to(A.dtype)
-    j = sq_norm(A, -2).argmax(dim=-1)  # the largest column
-    c = torch.take_along_dim(A, j[..., None, None].expand(*A.shape[:-1], 1), dim=-1)
-    y = A.mH @ c
-    y = y / norm(y, (-2, -1), keepdim=True).clamp(min=_tiny(scale.dtype))
-    return norm(A @ y, (-2, -1)) * max_abs
+    ``A`` is scaled by ``max|A|`` first against over/underflow; ``A = 0`` gives 0.
+
+    The column is found as the largest *row*: for the Hermitian and skew-Hermitian matrices PSGD
+    bounds the two are the same (and the fast contiguous reduction avoids a 10x slower strided
+    one); for any other ``A`` the result is still a lower bound.
+    """
+    max_abs = _max_abs(A)
+    As = A / max_abs.clamp(min=_tiny(max_abs.dtype))[..., None, None].to(A.dtype)
+    j = torch.linalg.vector_norm(As, dim=-1).argmax(dim=-1)
+    c = torch.take_along_dim(As, j[..., None, None].expand(*As.shape[:-2], 1, As.shape[-1]), -2)
+    y = As.mH @ c.mH  # Aᴴ times the row's conjugate: for a Hermitian A, its column
+    y = y / norm(y, (-2, -1), keepdim=True).clamp(min=_tiny(max_abs.dtype))
+    return norm(As @ y, (-2, -1)) * max_abs
 
 
 def norm_lower_bound_subspace(A: Tensor, start: Tensor, half_iters: int = 2) -> Tensor:

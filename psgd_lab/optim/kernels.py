@@ -23,7 +23,6 @@ from torch import Tensor
 
 from .. import factors
 from .. import geometry as geo
-from ..linalg import norm
 from ..pairs import Draws
 from ..structure import KronPlan
 from .config import Hyper
@@ -108,9 +107,10 @@ def _fit(hy: Hyper, Q: list, state_L, h, v, draws: Draws, balance: bool, init) -
 
 def _clip(Pm: Tensor, debias: Tensor) -> Tensor:
     """Per tensor of the stack: ``scale`` with ``u = scale · P m`` = ``P m̂`` clipped to RMS 1.1
-    (MATH.md §5.4); ``P`` is linear, so the debias folds into the scale."""
+    (MATH.md §5.4); ``P`` is linear, so the debias folds into the scale. ``vector_norm`` along
+    the contiguous last dim is fast and accumulates in double on the CPU (no overflow)."""
     n = math.prod(Pm.shape[1:])
-    rms = norm(Pm.reshape(Pm.shape[0], -1), 1) / (math.sqrt(n) * debias)
+    rms = torch.linalg.vector_norm(Pm.reshape(Pm.shape[0], -1), dim=1) / (math.sqrt(n) * debias)
     return torch.clamp(1.1 / (rms + 1e-12), max=1.0) / debias
 
 
@@ -121,10 +121,11 @@ def _debias(b1: float, steps: Tensor, like: Tensor) -> Tensor:
 
 
 def _momentum(M: Tensor, G: Tensor, b1: float, ok: Tensor) -> Tensor:
-    """``m <- b1·m + (1 − b1)·g`` (MATH.md §5.1) where ``ok``, ``m`` where not: a weight of 0
-    keeps ``m`` exactly, and ``nan_to_num`` (the identity on a finite gradient) keeps NaN out of
-    ``0·(g − m)``. Arithmetic, not ``torch.where``, which is several times slower on the CPU."""
-    return torch.lerp(M, torch.nan_to_num(G.to(M.dtype)), _per((1 - b1) * ok, M).to(M.dtype))
+    """``m <- b1·m + (1 − b1)·g`` (MATH.md §5.1) in place where ``ok``, ``m`` where not: a
+    weight of 0 keeps ``m`` exactly, and ``nan_to_num`` (the identity on a finite gradient)
+    keeps NaN out of ``0·(g − m)``. Arithmetic, not ``torch.where`` (several times slower on
+    the CPU). Returns ``M``."""
+    return M.lerp_(torch.nan_to_num(G.to(M.dtype)), _per((1 - b1) * ok, M).to(M.dtype))
 
 
 def _per(x: Tensor, like: Tensor) -> Tensor:
@@ -150,7 +151,7 @@ def single_step(items: Sequence[Item], hy: Hyper, *, do_update: bool, prob: floa
                         torch.zeros((), dtype=torch.bool, device=g.device)))  # fmt: skip
             continue
         m = st["momentum_buffer"].view(1, *fshape)
-        m.copy_(_momentum(m, g, hy.b1, finite.reshape(1)))
+        _momentum(m, g, hy.b1, finite.reshape(1))
         st["step"] += 1
         Q = [q.unsqueeze(0) for q in st["Q"]]  # views: updated in place
         pd = Q[0].dtype
@@ -170,7 +171,7 @@ def single_step(items: Sequence[Item], hy: Hyper, *, do_update: bool, prob: floa
             cache.pop(id(it.p), None)
         keep = cached_dims(it.plan, prob)
         Pm, cache[id(it.p)] = precondition(Q, m_p, hy, keep, cache.get(id(it.p)))
-        u = Pm * _per(_clip(Pm, debias), Pm)
+        u = Pm.mul_(_per(_clip(Pm, debias), Pm))
         out.append((u[0], torch.ones((), dtype=torch.bool, device=g.device)))
     return out
 
@@ -206,19 +207,22 @@ def stacked_step(G, M, steps, Q, L, init, hv, draws, *, hy: Hyper, pd: torch.dty
         cached = None
     Pm, cached = precondition(Q, m_p, hy, keep, cached)
     scale = _clip(Pm, debias) * ok
-    return M, steps, Q, L, init, Pm * _per(scale, Pm), ok, cached
+    return M, steps, Q, L, init, Pm.mul_(_per(scale, Pm)), ok, cached
 
 
 def _stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per tensor of the stack: all finite, and not all zero, from ``max|x|`` (NaN propagates
-    through ``amax``; the tensor is all zero iff it is 0). Two cheap passes: ``torch.aminmax``
-    and ``torch.where`` over a dim are many times slower on the CPU."""
+    """Per tensor of the stack: all finite, and not all zero, from its maximum and minimum (NaN
+    and ±Inf reach one of them; the tensor is all zero iff both are 0). No temporary: fused
+    ``torch.aminmax`` over a dim is many times slower on the CPU, and so is ``abs().amax()``'s
+    copy of a large tensor (page faults)."""
     flat = x.reshape(x.shape[0], -1)
     if flat.shape[1] == 0:
         none = torch.zeros(flat.shape[0], dtype=torch.bool, device=x.device)
         return ~none, none
-    top = flat.abs().amax(dim=1)
-    return torch.isfinite(top), top > 0
+    if flat.is_complex():
+        flat = torch.view_as_real(flat).reshape(flat.shape[0], -1)
+    hi, lo = flat.amax(dim=1), flat.amin(dim=1)
+    return torch.isfinite(hi) & torch.isfinite(lo), (hi != 0) | (lo != 0)
 
 
 def chunks(items: Sequence[Item], cap: int = CHUNK_BYTES) -> list[list[Item]]:
@@ -271,7 +275,8 @@ def grouped_step(items: Sequence[Item], hy: Hyper, *, do_update: bool, prob: flo
             cached=cached,
         )  # fmt: skip
         cache[key] = kept
-        torch._foreach_copy_(moms, list(M.unbind(0)))
+        if len(part) > 1:  # a stack of one is a view: updated in place already
+            torch._foreach_copy_(moms, list(M.unbind(0)))
         torch._foreach_copy_([st["step"] for st in sts], list(steps.unbind(0)))
         if do_update:
             for i in range(len(Q0)):
