@@ -146,17 +146,21 @@ def solve_triangular_lowp(U: Tensor, X: Tensor, *, upper: bool, left: bool) -> T
 _LEAF = 256
 
 
-def triu_matmul(A: Tensor, B: Tensor) -> Tensor:
-    """``A @ B`` for upper-triangular ``(..., d, d)`` ``A`` and ``B``; upper-triangular result."""
+def triu_matmul(A: Tensor, B: Tensor, out: Tensor | None = None) -> Tensor:
+    """``A @ B`` for upper-triangular ``(..., d, d)`` ``A`` and ``B``; upper-triangular result,
+    written into ``out`` (one allocation for the whole recursion)."""
     d = A.shape[-1]
+    if out is None:
+        out = torch.empty_like(B)
     if d <= _LEAF:
-        return A @ B
+        return out.copy_(A @ B)
     k = d // 2
-    out = torch.empty_like(B)
     out[..., k:, :k] = 0
-    out[..., :k, :k] = triu_matmul(A[..., :k, :k], B[..., :k, :k])
-    out[..., k:, k:] = triu_matmul(A[..., k:, k:], B[..., k:, k:])
-    out[..., :k, k:] = A[..., :k, :k] @ B[..., :k, k:] + A[..., :k, k:] @ B[..., k:, k:]
+    triu_matmul(A[..., :k, :k], B[..., :k, :k], out[..., :k, :k])
+    triu_matmul(A[..., k:, k:], B[..., k:, k:], out[..., k:, k:])
+    top = out[..., :k, k:]
+    top.copy_(A[..., :k, :k] @ B[..., :k, k:])
+    top.add_(A[..., :k, k:] @ B[..., k:, k:])
     return out
 
 

@@ -65,23 +65,35 @@ def _run(kernel, geometry_name, mode, dtype, steps=50):
 @pytest.mark.parametrize("mode", ["whiten", "newton"])
 @pytest.mark.parametrize("name", NAMES)
 def test_grouped_kernel_equals_the_single_tensor_reference(name, mode, dtype):
-    """Parameters after every one of 50 steps and the final state agree to round-off: batched
-    products and reductions may vectorise in another order than one tensor's (measured here:
-    bit-identical for most rules, at most 2e-6 relative in float32, 4e-15 in float64)."""
-    single, opt_s = _run("single", name, mode, dtype)
-    grouped, opt_g = _run("grouped", name, mode, dtype)
-    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-11, "atol": 1e-12}
+    """Parameters after every one of 50 steps and the final state are bit-identical on one
+    thread (measured: every case here). With more threads a batched product may split its work
+    differently from one matrix's product; there they agree to round-off (2e-6 relative in
+    float32 was the largest seen with 2 threads)."""
+    with _threads(1):
+        single, opt_s = _run("single", name, mode, dtype)
+        grouped, opt_g = _run("grouped", name, mode, dtype)
     for t, (a, b) in enumerate(zip(single, grouped)):
-        for x, y in zip(a, b):
-            torch.testing.assert_close(y, x, **tol, msg=lambda m, t=t: f"step {t}: {m}")
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert torch.equal(x, y), f"step {t}, parameter {i}: {(x - y).abs().max().item():.2e}"
     for p_s, p_g in zip(opt_s.param_groups[0]["params"], opt_g.param_groups[0]["params"]):
         s, g = opt_s.state[p_s], opt_g.state[p_g]
         assert torch.equal(s["step"], g["step"])
-        torch.testing.assert_close(g["momentum_buffer"], s["momentum_buffer"], **tol)
-        for qs, qg in zip(s["Q"], g["Q"]):
-            torch.testing.assert_close(qg, qs, **tol)
+        assert torch.equal(g["momentum_buffer"], s["momentum_buffer"])
+        assert all(torch.equal(qg, qs) for qs, qg in zip(s["Q"], g["Q"]))
     # poisoned at steps 17 (Inf), 24 (NaN) and 45 (Inf); all-zero at 10 and 38 (fit skipped)
     assert opt_s.nonfinite_count == opt_g.nonfinite_count == (0 if mode == "newton" else 3)
+
+
+class _threads:
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.old = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.old)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -127,9 +139,11 @@ class _HostReads(TorchDispatchMode):
 @pytest.mark.parametrize("prob", [1.0, 0.3])
 def test_a_default_step_reads_nothing_back_from_the_device(prob):
     """With the defaults (a constant update probability), a step never reads a tensor's value on
-    the host, NaN gradients included: non-finite tensors are masked on the device. The only
-    reads allowed are the skipped-step count's, which on the CPU is read directly (on an
-    accelerator it is a non-blocking copy read a step later)."""
+    the host, NaN gradients included: non-finite tensors are masked on the device. The reads
+    allowed are CPU-only shortcuts, where a host read waits for no device: the skipped-step
+    count (on an accelerator a non-blocking copy read a step later) and ``kernels._known``,
+    which skips the masking work when every tensor is finite (on an accelerator it returns
+    None without reading; ``tests/test_cuda.py`` runs this under CUDA's sync checker)."""
     gen = torch.Generator().manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(6, 5), (6, 5), (7,), ()]]
     opt = Kron(ps, preconditioner_update_probability=prob)
@@ -138,7 +152,7 @@ def test_a_default_step_reads_nothing_back_from_the_device(prob):
             p.grad = torch.randn(p.shape, generator=gen) * (math.nan if t == 3 else 1.0)
         with _HostReads() as mode:
             opt.step()
-        unexpected = [r for r in mode.reads if "new_since_poll" not in r]
+        unexpected = [r for r in mode.reads if "new_since_poll" not in r and "_known" not in r]
         assert not unexpected, unexpected[0]
 
 
@@ -150,7 +164,9 @@ def test_the_default_schedule_is_read_without_a_device_sync():
     ps[0].grad = torch.ones(4, 3)
     with _HostReads() as mode:
         opt.step()
-    other = [r for r in mode.reads if "new_since_poll" not in r and "_decide" not in r]
+    other = [
+        r for r in mode.reads if not any(k in r for k in ("new_since_poll", "_known", "_decide"))
+    ]
     assert not other and any("_decide" in r for r in mode.reads)
 
 

@@ -120,12 +120,25 @@ def _debias(b1: float, steps: Tensor, like: Tensor) -> Tensor:
     return torch.where(steps > 0, 1 - torch.pow(b1, steps.to(real)), 1.0)
 
 
-def _momentum(M: Tensor, G: Tensor, b1: float, ok: Tensor) -> Tensor:
+def _known(mask: Tensor) -> bool | None:
+    """Whether every entry of ``mask`` holds, where knowing it costs nothing: eagerly on the
+    CPU (a host read there waits for no device). None on an accelerator or under
+    ``torch.compile``: the kernel then masks on the device instead, without a sync. With
+    ``False`` (some entry fails) the caller masks too; it is only ``True`` that skips work."""
+    if mask.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    return True if bool(mask.all()) else None
+
+
+def _momentum(M: Tensor, G: Tensor, b1: float, ok: Tensor, every: bool | None) -> Tensor:
     """``m <- b1·m + (1 − b1)·g`` (MATH.md §5.1) in place where ``ok``, ``m`` where not: a
     weight of 0 keeps ``m`` exactly, and ``nan_to_num`` (the identity on a finite gradient)
     keeps NaN out of ``0·(g − m)``. Arithmetic, not ``torch.where`` (several times slower on
-    the CPU). Returns ``M``."""
-    return M.lerp_(torch.nan_to_num(G.to(M.dtype)), _per((1 - b1) * ok, M).to(M.dtype))
+    the CPU). ``every``: all ``ok`` (known on the host), so no masking. Returns ``M``."""
+    if every:
+        return M.lerp_(G.to(M.dtype), 1 - b1)
+    weight = ok.to(M.real.dtype) * (1 - b1)  # in M's precision: a float32 0.1 is not 1 − b1
+    return M.lerp_(torch.nan_to_num(G.to(M.dtype)), _per(weight, M))
 
 
 def _per(x: Tensor, like: Tensor) -> Tensor:
@@ -151,7 +164,7 @@ def single_step(items: Sequence[Item], hy: Hyper, *, do_update: bool, prob: floa
                         torch.zeros((), dtype=torch.bool, device=g.device)))  # fmt: skip
             continue
         m = st["momentum_buffer"].view(1, *fshape)
-        _momentum(m, g, hy.b1, finite.reshape(1))
+        _momentum(m, g, hy.b1, finite.reshape(1), True)
         st["step"] += 1
         Q = [q.unsqueeze(0) for q in st["Q"]]  # views: updated in place
         pd = Q[0].dtype
@@ -188,7 +201,7 @@ def stacked_step(G, M, steps, Q, L, init, hv, draws, *, hy: Hyper, pd: torch.dty
         hv_finite, nonzero = _stats(hv[1])
         finite = finite & hv_finite
     ok = finite
-    M = _momentum(M, G, hy.b1, ok)
+    M = _momentum(M, G, hy.b1, ok, _known(ok))
     steps = steps + ok
     debias = _debias(hy.b1, steps, M.new_empty(0, dtype=pd))
     m_p = M.to(pd)
@@ -196,12 +209,16 @@ def stacked_step(G, M, steps, Q, L, init, hv, draws, *, hy: Hyper, pd: torch.dty
         pair = None if hv is None else (hv[0].to(pd), hv[1].to(pd))
         h, v, _ = _pair(hy, (m_p / _per(debias, m_p)).to(pd), G.to(pd), pair)
         fit_ok = ok & nonzero
-        work = [q.clone() for q in Q]
-        L_work = None if L is None else [x.clone() for x in L]
-        L_work = _fit(hy, work, L_work, h, v, draws, balance, init)
-        Q = [torch.where(_per(fit_ok, q), w, q) for q, w in zip(Q, work)]
-        if L is not None:
-            L = [torch.where(fit_ok, w, x) for x, w in zip(L, L_work)]
+        every = _known(fit_ok)
+        if every:  # the CPU knows every pair is fit: update in place (L too), nothing to mask
+            _fit(hy, Q, L, h, v, draws, balance, init)
+        elif every is None:  # unknown (an accelerator, compiled) or mixed: fit copies, mask
+            work = [q.clone() for q in Q]
+            L_work = None if L is None else [x.clone() for x in L]
+            L_work = _fit(hy, work, L_work, h, v, draws, balance, init)
+            Q = [torch.where(_per(fit_ok, q), w, q) for q, w in zip(Q, work)]
+            if L is not None:
+                L = [torch.where(fit_ok, w, x) for x, w in zip(L, L_work)]
         if init is not None:
             init = init | fit_ok
         cached = None
@@ -258,10 +275,10 @@ def grouped_step(items: Sequence[Item], hy: Hyper, *, do_update: bool, prob: flo
         cached = cache.get(key)
         kept_all = cached is not None and all(c is not None for k, c in zip(keep, cached) if k)
         if do_update or not (kept_all and all(keep)) or hy.geometry.fits_p:
-            Q0 = factors.stack_factors([st["Q"] for st in sts])
+            Q0 = [_stack(list(f)) for f in zip(*(st["Q"] for st in sts))]
         else:  # every factor applied from its kept P_i: Q is not needed, not even stacked
             Q0 = [None] * len(keep)
-        L = None if "L" not in sts[0] else factors.stack_factors([st["L"] for st in sts])
+        L0 = None if "L" not in sts[0] else [_stack(list(f)) for f in zip(*(st["L"] for st in sts))]
         init = None if hy.init_scale is not None else torch.stack([st["initialised"] for st in sts])
         hv = None
         if part[0].hv is not None:
@@ -270,7 +287,7 @@ def grouped_step(items: Sequence[Item], hy: Hyper, *, do_update: bool, prob: flo
         moms = [st["momentum_buffer"].view(fshape) for st in sts]
         M, steps, Q, L, init, U, ok, kept = step_fn(
             _stack([it.grad.reshape(fshape) for it in part]), _stack(moms),
-            _stack([st["step"] for st in sts]), Q0, L, init, hv, draws, hy=hy,
+            _stack([st["step"] for st in sts]), Q0, L0, init, hv, draws, hy=hy,
             pd=sts[0]["Q"][0].dtype, do_update=do_update, balance=balance, keep=keep,
             cached=cached,
         )  # fmt: skip
@@ -279,11 +296,14 @@ def grouped_step(items: Sequence[Item], hy: Hyper, *, do_update: bool, prob: flo
             torch._foreach_copy_(moms, list(M.unbind(0)))
         torch._foreach_copy_([st["step"] for st in sts], list(steps.unbind(0)))
         if do_update:
+            # a stack of one updated in place is the state itself; anything else is copied back
             for i in range(len(Q0)):
-                torch._foreach_copy_([st["Q"][i] for st in sts], list(Q[i].unbind(0)))
+                if len(part) > 1 or Q[i] is not Q0[i]:
+                    torch._foreach_copy_([st["Q"][i] for st in sts], list(Q[i].unbind(0)))
             if L is not None:
                 for i in range(len(L)):
-                    torch._foreach_copy_([st["L"][i] for st in sts], list(L[i].unbind(0)))
+                    if len(part) > 1 or L[i] is not L0[i]:
+                        torch._foreach_copy_([st["L"][i] for st in sts], list(L[i].unbind(0)))
             if init is not None:
                 torch._foreach_copy_([st["initialised"] for st in sts], list(init.unbind(0)))
         for it, u, k in zip(part, U.unbind(0), ok.unbind(0)):
@@ -300,7 +320,10 @@ def apply_updates(targets: list[Tensor], us: list[Tensor], oks: list[Tensor], nd
         return
     decay = [i for i, n in enumerate(ndims) if n >= 2] if weight_decay != 0 else []
     if decay:
-        ok = torch.stack([oks[i] for i in decay]).to(torch.float32)
-        keep = (1 - lr * weight_decay * ok).unbind(0)  # one op for the list, not three per tensor
+        # one op for the list, not three per tensor; in float64 (where the device has it), so a
+        # float64 parameter decays by exactly 1 − lr·wd
+        wide = torch.float32 if targets[0].device.type == "mps" else torch.float64
+        ok = torch.stack([oks[i] for i in decay]).to(wide)
+        keep = (1 - lr * weight_decay * ok).unbind(0)
         torch._foreach_mul_([targets[i] for i in decay], list(keep))
     torch._foreach_add_(targets, [u.reshape(t.shape) for u, t in zip(us, targets)], alpha=-lr)
