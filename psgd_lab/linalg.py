@@ -150,10 +150,10 @@ def triu_matmul(A: Tensor, B: Tensor, out: Tensor | None = None) -> Tensor:
     """``A @ B`` for upper-triangular ``(..., d, d)`` ``A`` and ``B``; upper-triangular result,
     written into ``out`` (one allocation for the whole recursion)."""
     d = A.shape[-1]
+    if d <= _LEAF:
+        return A @ B if out is None else out.copy_(A @ B)
     if out is None:
         out = torch.empty_like(B)
-    if d <= _LEAF:
-        return out.copy_(A @ B)
     k = d // 2
     out[..., k:, :k] = 0
     triu_matmul(A[..., :k, :k], B[..., :k, :k], out[..., :k, :k])

@@ -161,6 +161,12 @@ class Kron(torch.optim.Optimizer):
     def _structure(self, p: Tensor, group: dict, budget_dims: bool = False):
         return memory.structure(self, p, group, budget_dims)
 
+    def _plans_now(self, todo: list) -> dict:
+        """``p -> plan`` for this step's parameters (each group's settings read once)."""
+        keys = {gi: memory.group_key(self.param_groups[gi]) for gi in {t[1] for t in todo}}
+        return {p: memory.structure(self, p, self.param_groups[gi], gkey=keys[gi])
+                for p, gi, *_ in todo}  # fmt: skip
+
     def describe(self) -> list[ParamInfo]:
         """Per parameter: its factor shapes, which dims are diagonal (and which ``precond_budget``
         made so), and the bytes of momentum, factors and cache. Valid before any step."""
@@ -189,8 +195,9 @@ class Kron(torch.optim.Optimizer):
         loss = None if self.mode == "newton" else newton.call_closure(closure)
         decisions = [self._decide(gi, g) for gi, g in enumerate(self.param_groups)]
         todo = self._todo(decisions)
+        plans = self._plans_now(todo)
         counts = list(self._draw_counts)
-        draws = self._draw(todo, counts)
+        draws = self._draw(todo, counts, plans)
         hvs: dict = {}
         if self.mode == "newton":
             probes = {p: d.v.reshape(p.shape).to(p.dtype) for p, d in draws.items()}
@@ -201,7 +208,7 @@ class Kron(torch.optim.Optimizer):
         self._prob_step += 1
         self._draw_counts = counts
         balance = self._rng.random() < 0.01  # drawn every step, as kron-torch does
-        self._run(todo, grads, draws, hvs, finite, balance)
+        self._run(todo, plans, grads, draws, hvs, finite, balance)
         if self._nonfinite.new_since_poll() and "nonfinite" not in self._warned:
             self._warned.add("nonfinite")
             warnings.warn(
@@ -249,7 +256,7 @@ class Kron(torch.optim.Optimizer):
             self._pos_of = {id(q): i for i, q in enumerate(flat)}
         return self._pos_of[id(p)]
 
-    def _draw(self, todo: list, counts: list[int]) -> dict:
+    def _draw(self, todo: list, counts: list[int], plans: dict) -> dict:
         """Each updating parameter's draws from its own stream (every parameter in Newton mode,
         whose ``v`` every rank needs; only the owned ones in whitening)."""
         own, rank = self._owners(), dist_.rank_and_size(self.process_group)[0]
@@ -261,7 +268,7 @@ class Kron(torch.optim.Optimizer):
             if self.mode == "newton" or own.get(p, rank) == rank:
                 if gi not in hypers:
                     hypers[gi] = Hyper.of(group, self.mode == "newton")
-                hy, plan = hypers[gi], self._structure(p, group)
+                hy, plan = hypers[gi], plans[p]
                 out[p] = self._streams.draws(
                     i, counts[i], plan, hy.geometry.starts(plan, hy.norm_bound),
                     probe=True, noise=not isinstance(hy.damping, str) and hy.damping > 0,
@@ -296,7 +303,7 @@ class Kron(torch.optim.Optimizer):
             st["initialised"] = torch.zeros((), dtype=torch.bool, device=dev)
         return st
 
-    def _run(self, todo, grads, draws, hvs, finite, balance) -> None:
+    def _run(self, todo, plans, grads, draws, hvs, finite, balance) -> None:
         """One kernel per group over the parameters this rank owns; results to the placement."""
         own = self._owners()
         rank = dist_.rank_and_size(self.process_group)[0] if own else 0
@@ -314,7 +321,7 @@ class Kron(torch.optim.Optimizer):
             for p, *_ in mine:
                 if own.get(p, rank) != rank:
                     continue
-                plan = self._structure(p, group)
+                plan = plans[p]
                 if len(self.state[p]) == 0:
                     self.state[p].update(self._init_state(p, group, plan))
                 hv = hvs.get(p)

@@ -35,12 +35,18 @@ class ParamInfo:
     budget_diag: tuple[int, ...] = ()  # dims made diagonal by precond_budget
 
 
-def structure(opt, p: Tensor, group: dict, budget_dims: bool = False):
-    """The plan of ``p`` under ``group``'s settings (cached per parameter); its ``shape`` is the
-    factor shape (kron-torch's merged shape with ``merge_dims``). ``budget_dims``: also return
-    the dims ``precond_budget`` made diagonal."""
+def group_key(group: dict) -> tuple:
+    """The settings of ``group`` a plan depends on (compute once per step and group)."""
+    return tuple(group[k] for k in _KEYS)
+
+
+def structure(opt, p: Tensor, group: dict, budget_dims: bool = False, gkey=None):
+    """The plan of ``p`` under ``group``'s settings (cached per parameter, checked against the
+    settings, so a changed group is re-planned); its ``shape`` is the factor shape (kron-torch's
+    merged shape with ``merge_dims``). ``budget_dims``: also return the dims ``precond_budget``
+    made diagonal. ``gkey``: ``group_key(group)``, if already computed."""
     shape = opt._shape(p)
-    key = (shape, p.dtype, *(group[k] for k in _KEYS))
+    key = (shape, p.dtype, gkey if gkey is not None else group_key(group))
     cached = opt._plans.get(id(p))
     if cached is None or cached[0] != key:
         fshape = merged_shape(shape) if group["merge_dims"] and len(shape) > 2 else shape
