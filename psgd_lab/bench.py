@@ -23,11 +23,63 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-PARAM_SETS: dict[str, list[tuple[int, ...]]] = {
+Shapes = list[tuple[int, ...]]
+
+
+def gpt2_layout(
+    d: int = 768, layers: int = 12, vocab: int = 50257, positions: int = 1024
+) -> Shapes:
+    """GPT-2's parameter tensors (small: d = 768, 12 layers, 148 tensors) at width ``d``."""
+    block = [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,),
+             (4 * d, d), (d,)]  # fmt: skip
+    return [(vocab, d), (positions, d)] + block * layers + [(d,), (d,)]
+
+
+def _bn(c: int) -> Shapes:
+    return [(c,), (c,)]
+
+
+def resnet_layout(width: int = 64, blocks=(2, 2, 2, 2), bottleneck: bool = False) -> Shapes:
+    """A torchvision ResNet's parameter tensors at base width ``width`` (64 in the real nets):
+    ResNet-18 is ``blocks=(2, 2, 2, 2)`` (62 tensors), ResNet-50 ``(3, 4, 6, 3)`` with
+    ``bottleneck=True`` (161 tensors)."""
+    out = [(width, 3, 7, 7), *_bn(width)]
+    expansion = 4 if bottleneck else 1
+    inplanes = width
+    for stage, n in enumerate(blocks):
+        planes = width * 2**stage
+        for b in range(n):
+            if bottleneck:
+                out += [(planes, inplanes, 1, 1), *_bn(planes), (planes, planes, 3, 3),
+                        *_bn(planes), (planes * 4, planes, 1, 1), *_bn(planes * 4)]  # fmt: skip
+            else:
+                out += [(planes, inplanes, 3, 3), *_bn(planes), (planes, planes, 3, 3),
+                        *_bn(planes)]  # fmt: skip
+            if b == 0 and (stage > 0 or inplanes != planes * expansion):
+                out += [(planes * expansion, inplanes, 1, 1), *_bn(planes * expansion)]
+            inplanes = planes * expansion
+    return out + [(1000, inplanes), (1000,)]
+
+
+def vit_layout(d: int = 384, layers: int = 12, patch: int = 16, tokens: int = 197) -> Shapes:
+    """A ViT's parameter tensors (ViT-S/16: d = 384, 12 layers, 152 tensors) at width ``d``."""
+    block = [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,),
+             (d, 4 * d), (d,)]  # fmt: skip
+    head = [(d, 3, patch, patch), (d,), (1, 1, d), (1, tokens, d)]
+    return head + block * layers + [(d,), (d,), (1000, d), (1000,)]
+
+
+PARAM_SETS: dict[str, Shapes] = {
     "mlp": [(1024, 1024), (1024,)] * 3,
     "transformer": [(4096, 256)]
     + [(256, 768), (256, 256), (256, 1024), (1024, 256), (256,), (256,)] * 4,
     "conv": [(64, 3, 3, 3), (128, 64, 3, 3), (256, 128, 3, 3), (10, 4096)],
+    # real models' layouts at widths this CPU can time
+    "gpt2-d16": gpt2_layout(16),  # 148 tensors, compute negligible: per-tensor overhead
+    "gpt2-d128": gpt2_layout(128),
+    "resnet18-w16": resnet_layout(16),
+    "resnet50-w16": resnet_layout(16, (3, 4, 6, 3), bottleneck=True),
+    "vit-s-d192": vit_layout(192),
 }
 PROBS = (1.0, 0.03)
 
@@ -58,22 +110,32 @@ class Result:
         return (q[2] - q[0]) / 2
 
 
-def make_params(shapes: Sequence[tuple[int, ...]], seed: int = 0) -> tuple[list[Tensor], list]:
+def make_params(
+    shapes: Sequence[tuple[int, ...]], seed: int = 0, device: str | torch.device = "cpu"
+) -> tuple[list[Tensor], list]:
     """Parameters and one fixed gradient each (scaled like a real gradient, ~1e-3)."""
     g = torch.Generator().manual_seed(seed)
-    params = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.02) for s in shapes]
-    grads = [torch.randn(s, generator=g) * 1e-3 for s in shapes]
+    params = [torch.nn.Parameter((torch.randn(s, generator=g) * 0.02).to(device)) for s in shapes]
+    grads = [(torch.randn(s, generator=g) * 1e-3).to(device) for s in shapes]
     return params, grads
 
 
-def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
+def _sync(device) -> None:
+    """Wait for the device (timing an asynchronous accelerator needs it; the CPU does not)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 5, device="cpu") -> float:
     """This machine's measured dense float32 matmul throughput (GFLOP/s), the physical limit."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
     best = math.inf
     for _ in range(repeats):
+        _sync(device)
         t = time.perf_counter()
         a @ b
+        _sync(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
 
@@ -92,12 +154,12 @@ def _available(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def optimizers(fast: bool = True) -> dict[str, Callable]:
+def optimizers(fast: bool = True, compiled: bool = False) -> dict[str, Callable]:
     """name -> factory(params, prob) for every optimiser installed here (None if absent)."""
     from .optim import Kron
 
     out: dict[str, Callable | None] = {
-        "AdamW": lambda ps, prob: torch.optim.AdamW(ps, lr=1e-3),
+        "AdamW": lambda ps, prob: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
         "kron-torch": None,
         "heavyball PSGDKron": None,
         "psgd_lab": lambda ps, prob: Kron(ps, preconditioner_update_probability=prob),
@@ -106,6 +168,10 @@ def optimizers(fast: bool = True) -> dict[str, Callable]:
             ps, preconditioner_update_probability=prob, memory_save_mode="one_diag"
         ),
     }
+    if compiled:  # the grouped kernel compiled with torch.compile (one graph per structure)
+        out["psgd_lab compiled"] = lambda ps, prob: Kron(
+            ps, preconditioner_update_probability=prob, compile=True
+        )
     if not fast:
         del out["psgd_lab one_diag"]
     if _available("kron_torch"):
@@ -136,13 +202,15 @@ def run(
     warmup: int = 2,
     progress: bool = True,
     only: Sequence[str] | None = None,
+    device: str = "cpu",
+    compiled: bool = False,
 ) -> dict:
     """Time every installed optimiser (or those named in ``only``) on every parameter set;
     return a JSON-able dict (``table`` renders it)."""
     from tqdm import tqdm
 
     sets = sets or PARAM_SETS
-    factories = optimizers()
+    factories = optimizers(compiled=compiled)
     if only is not None:
         unknown = set(only) - set(factories)
         if unknown:
@@ -158,7 +226,7 @@ def run(
             for name, factory in factories.items():
                 if factory is None or (name == "AdamW" and prob != probs[0]):
                     continue
-                params, grads = make_params(shapes)
+                params, grads = make_params(shapes, device=device)
                 for p, g in zip(params, grads):
                     p.grad = g.clone()
                 res = Result(set_name, name, None if name == "AdamW" else prob)
@@ -177,8 +245,10 @@ def run(
                         p.grad = g
                     try:
                         with contextlib.redirect_stdout(io.StringIO()):  # kron-torch prints
+                            _sync(device)
                             t = time.perf_counter()
                             opt.step()
+                            _sync(device)
                             dt = time.perf_counter() - t
                     except Exception as exc:
                         res.note = f"failed: {type(exc).__name__}: {exc}"[:200]
@@ -207,7 +277,8 @@ def run(
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "processor": platform.machine(),
-            "matmul_gflops": matmul_gflops(),
+            "device": str(device),
+            "matmul_gflops": matmul_gflops(device=device),
         },
         "repeats": repeats,
         "skipped": skipped,
@@ -290,6 +361,10 @@ def _command(args) -> str:
     parts.append(f"--repeats {args.repeats} --warmup {args.warmup}")
     if args.only:
         parts.append("--only " + " ".join(repr(o) for o in args.only))
+    if args.device != "cpu":
+        parts.append(f"--device {args.device}")
+    if args.compiled:
+        parts.append("--compiled")
     if args.json:
         parts.append(f"--json {args.json}")
     return " ".join(parts)
@@ -315,7 +390,8 @@ def main(args) -> int:
     sets = {k: PARAM_SETS[k] for k in args.sets} if args.sets else dict(PARAM_SETS)
     if args.shapes:
         sets = {"custom": parse_shapes(args.shapes)}
-    report = run(sets, probs=args.probs, repeats=args.repeats, warmup=args.warmup, only=args.only)
+    report = run(sets, probs=args.probs, repeats=args.repeats, warmup=args.warmup, only=args.only,
+                 device=args.device, compiled=args.compiled)  # fmt: skip
     report["command"] = _command(args)
     print(table(report))
     if args.json:

@@ -112,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     mat.add_argument("notebooks", nargs="*", type=Path, help="default: notebooks/*.ipynb")
     mat.add_argument("--configs", nargs="*", help="default: all (see psgd_lab.notebook.MATRIX)")
     bench = sub.add_parser("bench", help="time AdamW, kron-torch, heavyball and psgd_lab.Kron")
-    bench.add_argument(
-        "--sets", nargs="*", choices=["mlp", "transformer", "conv"], help="default: all three"
-    )
+    from .bench import PARAM_SETS
+
+    bench.add_argument("--sets", nargs="*", choices=list(PARAM_SETS), help="default: all")
     bench.add_argument("--shapes", help="your own parameter set, e.g. '1024x1024,1024'")
     bench.add_argument("--probs", nargs="*", type=float, default=[1.0, 0.03],
                        help="preconditioner update probabilities (default: 1.0 0.03)")  # fmt: skip
@@ -122,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     bench.add_argument("--json", type=Path, help="also write the full report as JSON here")
     bench.add_argument("--only", nargs="*", help="optimizers to time (default: all installed)")
+    bench.add_argument("--device", default="cpu", help="where to time: cpu (default), cuda, ...")
+    bench.add_argument(
+        "--compiled", action="store_true", help="also time Kron(compile=True) beside eager"
+    )
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()

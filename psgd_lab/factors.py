@@ -1,8 +1,11 @@
 """The Kronecker factors of ``Q``: init, applying ``Q``, ``Qᴴ`` and ``P``, ``gram_i``, balancing.
 
-MATH.md §1 and §4. ``Q`` is a list of factors, one per dim: a ``(d, d)`` matrix (dense) or a
-``(d,)`` vector (diagonal); a scalar has one factor of shape ``()``. Nothing here materialises the
-``prod(d) x prod(d)`` Kronecker product except ``kron_matrix``, which is for small shapes.
+MATH.md §1 and §4. A *stack* holds ``B`` tensors of one shape ``(d_1, ..., d_k)`` as
+``X: (B, d_1, ..., d_k)``, and their factors as a list of ``k`` stacks, one per dim: ``(B, d, d)``
+for a dense factor, ``(B, d)`` for a diagonal one; a scalar's one factor is ``(B,)``. Every
+function here works on stacks (``B = 1`` for one tensor), so one code path serves a single tensor
+and a group of equal-structured tensors. Nothing materialises the ``prod(d) x prod(d)`` Kronecker
+product except ``kron_matrix``, which is for small shapes.
 """
 
 from __future__ import annotations
@@ -13,10 +16,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .linalg import self_gram, solve_upper_right, triu_gram, triu_mm
+from .linalg import self_gram, solve_triangular_lowp, triu_gram, triu_mm
 from .structure import KronPlan
 
 MAX_MATRIX_SIZE = 4096
+
+
+def is_dense(q: Tensor) -> bool:
+    """A stacked dense factor ``(B, d, d)`` (diagonal: ``(B, d)``; a scalar's: ``(B,)``)."""
+    return q.dim() == 3
 
 
 def init_factors(
@@ -26,8 +34,9 @@ def init_factors(
     device: torch.device | str | None = None,
     fits_p: bool = False,
 ) -> list[Tensor]:
-    """``Q = scale · I``: each of the ``k`` factors gets ``scale**(1/k)`` (MATH.md §4); factors of
-    ``P`` itself (``fits_p``: ``PRO4P``, ``QUAD4P``) start at ``scale²`` so that ``P`` does too."""
+    """One tensor's factors (no batch dim) of ``Q = scale · I``: each of the ``k`` factors gets
+    ``scale**(1/k)`` (MATH.md §4); factors of ``P`` itself (``fits_p``: ``PRO4P``, ``QUAD4P``)
+    start at ``scale²`` so that ``P`` does too."""
     if fits_p:
         scale = scale * scale
     if not plan.shape:
@@ -41,126 +50,173 @@ def init_factors(
     ]
 
 
-def data_init_scale(h: Tensor, v: Tensor | None = None, damping: float = 1e-9) -> Tensor:
-    """Data-driven ``Q`` scale (MATH.md §4), a 0-dim tensor (no host sync).
+def _batch_mean(x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], -1).mean(dim=1)
 
-    Whitening (``v is None``): ``(mean|h|⁴ + damping⁴)^(-1/8)``;
-    Newton: ``(mean|v|²)^(1/4) · (mean|h|⁴ + damping⁴)^(-1/8)``.
-    """
-    h4 = h.abs().double().pow(4).mean() + damping**4
-    s = h4.pow(-0.125)
+
+def data_scale(h: Tensor, v: Tensor | None, damping: float, k: int, fits_p: bool) -> Tensor:
+    """Per tensor of the stack ``h`` (shape ``(B,)``), what each of the ``k`` factors is multiplied
+    by to take ``Q = I`` to the data-driven scale of MATH.md §4 (squared for factors of ``P``):
+    whitening ``(mean|h|⁴ + damping⁴)^(-1/8)``, Newton times ``(mean|v|²)^(1/4)``. Finite even for
+    ``h = 0`` (the damping is floored at 1e-30); computed in float64, no host sync."""
+    damping = max(damping, 1e-30)
+    s = (_batch_mean(h.abs().double().pow(4)) + damping**4).pow(-0.125)
     if v is not None:
-        s = s * v.abs().double().square().mean().pow(0.25)
-    return s
-
-
-def scale_to_data(
-    Q: Sequence[Tensor], h: Tensor, v: Tensor | None, damping: float, fits_p: bool = False
-) -> None:
-    """Rescale ``Q = I·c`` in place to the data-driven scale of MATH.md §4 (squared when the
-    factors are factors of ``P``), shared evenly by the ``k`` factors."""
-    s = data_init_scale(h, v, max(damping, 1e-30))  # finite even for h = 0
+        s = s * _batch_mean(v.abs().double().square()).pow(0.25)
     if fits_p:
         s = s * s
-    s = s.pow(1.0 / max(len(Q), 1))
-    for q in Q:
-        q.mul_(s.to(q.real.dtype))
+    return s.pow(1.0 / max(k, 1))
 
 
-def _conj_all(Q: Sequence[Tensor]) -> list[Tensor]:
-    return [q.conj() for q in Q]
+def _axes(X: Tensor, i: int) -> tuple[int, int, int, int]:
+    """``(B, a, d, b)``: the stack ``X`` seen as ``B`` blocks of ``a x d x b`` around axis ``i``."""
+    shape = X.shape[1:]
+    return X.shape[0], math.prod(shape[:i]), shape[i], math.prod(shape[i + 1 :])
 
 
-def apply_q(Q: Sequence[Tensor], X: Tensor, plan: KronPlan) -> Tensor:
-    """``Q X``: along every axis ``i``, ``Y[..a..] = sum_b Q_i[a, b] X[..b..]``."""
-    return plan.apply_q(*Q, X)
+def _bcast(q: Tensor, i: int, X: Tensor) -> Tensor:
+    """A diagonal ``(B, d)`` or scalar ``(B,)`` factor shaped to broadcast along axis ``i`` of X."""
+    if q.dim() == 1:
+        return q.reshape((-1,) + (1,) * (X.dim() - 1))
+    return q.reshape((q.shape[0],) + (1,) * i + (q.shape[1],) + (1,) * (X.dim() - 2 - i))
 
 
-def apply_qh(Q: Sequence[Tensor], X: Tensor, plan: KronPlan) -> Tensor:
-    """``Qᴴ X``."""
-    return plan.apply_q(*[q.conj() if q.dim() < 2 else q.mH for q in Q], X)
+def apply_one(q: Tensor, i: int, X: Tensor) -> Tensor:
+    """Factor ``i`` alone along axis ``i``: ``Y[..a..] = sum_b q[a, b] X[..b..]``."""
+    if not is_dense(q):
+        return X * _bcast(q, i, X)
+    B, a, d, b = _axes(X, i)
+    if a == 1:
+        return (q @ X.reshape(B, d, b)).reshape(X.shape)
+    if b == 1:
+        return (X.reshape(B, a, d) @ q.mT).reshape(X.shape)
+    return torch.einsum("bij,bajc->baic", q, X.reshape(B, a, d, b)).reshape(X.shape)
 
 
-def apply_p(Q: Sequence[Tensor], X: Tensor, plan: KronPlan, fits_p: bool = False) -> Tensor:
-    """``P X = Qᴴ (Q X)`` in one contraction; ``fits_p``: the factors are factors of ``P`` itself
-    (``PRO4P``, ``QUAD4P``), so ``P X = Q X``."""
-    if fits_p:
-        return apply_q(Q, X, plan)
-    return plan.apply_p(*_conj_all(Q), *Q, X)
+def adjoint(q: Tensor) -> Tensor:
+    """The factor of ``Qᴴ``: ``q.mH`` (dense) or ``conj(q)`` (diagonal, scalar)."""
+    return q.mH if is_dense(q) else q.conj()
 
 
-def apply_one(Q_i: Tensor, i: int, X: Tensor, plan: KronPlan) -> Tensor:
-    """Factor ``i`` alone applied along axis ``i``."""
-    return plan.apply_one[i](Q_i, X)
-
-
-def gram(i: int, X: Tensor, Y: Tensor, plan: KronPlan) -> Tensor:
-    """``gram_i(X, Y)``: contract ``X`` and ``conj(Y)`` over every axis but ``i`` (MATH.md §1)."""
-    return plan.grams[i](X, Y.conj())
-
-
-def gram_self(i: int, X: Tensor, plan: KronPlan) -> Tensor:
-    """``gram_i(X, X)``: for a dense factor the mode-``i`` unfolding ``X_(i) X_(i)ᴴ``, computed
-    once per symmetric pair of blocks (``linalg.self_gram``); for a diagonal one, the plan's."""
-    if X.dim() == 0 or plan.diag[i] or 2 * plan.numel < plan.shape[i] ** 2:
-        # a thin unfolding (fewer columns than d_i / 2) makes the product memory-bound: the
-        # block splitting would only add copies of the d_i x d_i result
-        return plan.grams[i](X, X.conj())
-    return self_gram(X.movedim(i, 0).reshape(X.shape[i], -1))
-
-
-def apply_q_triangular(Q: Sequence[Tensor], X: Tensor) -> Tensor:
-    """``Q X`` for upper-triangular dense factors (``EQ``), axis by axis, skipping zero blocks."""
-    if X.dim() == 0:
-        return Q[0] * X
+def apply_q(Q: Sequence[Tensor], X: Tensor) -> Tensor:
+    """``Q X``: every factor along its axis."""
     for i, q in enumerate(Q):
-        if q.dim() < 2:
-            X = X * q.reshape((-1,) + (1,) * (X.dim() - i - 1))
-        else:
-            Xi = X.movedim(i, 0)
-            X = triu_mm(q, Xi.reshape(q.shape[0], -1)).reshape(Xi.shape).movedim(0, i)
+        X = apply_one(q, i, X)
     return X
 
 
-def solve_qh(Q: Sequence[Tensor], V: Tensor) -> Tensor:
-    """``Q⁻ᴴ V`` for upper-triangular dense factors and diagonal factors (triangular solves).
-
-    Along axis ``i`` the factor ``Q_i⁻ᴴ`` acts as ``X @ conj(Q_i)⁻¹`` on the axis moved last.
-    """
-    if V.dim() == 0:
-        return V / Q[0].conj()
-    out = V
+def apply_qh(Q: Sequence[Tensor], X: Tensor) -> Tensor:
+    """``Qᴴ X``."""
     for i, q in enumerate(Q):
-        out = out.movedim(i, -1)
-        out = out / q.conj() if q.dim() < 2 else solve_upper_right(out, q.conj())
-        out = out.movedim(-1, i)
-    return out
+        X = apply_one(adjoint(q), i, X)
+    return X
+
+
+def apply_p(Q: Sequence[Tensor], X: Tensor, fits_p: bool = False) -> Tensor:
+    """``P X = Qᴴ (Q X)``, axis by axis; ``fits_p``: the factors are factors of ``P`` itself
+    (``PRO4P``, ``QUAD4P``), so ``P X = Q X``."""
+    if fits_p:
+        return apply_q(Q, X)
+    for i, q in enumerate(Q):
+        X = apply_one(adjoint(q), i, apply_one(q, i, X))
+    return X
+
+
+def apply_q_triangular(Q: Sequence[Tensor], X: Tensor) -> Tensor:
+    """``Q X`` for upper-triangular dense factors (``EQ``), skipping their zero blocks."""
+    for i, q in enumerate(Q):
+        if not is_dense(q) or q.shape[-1] <= 256:
+            X = apply_one(q, i, X)
+        else:
+            Xi = X.movedim(i + 1, 1)
+            X = triu_mm(q, Xi.reshape(X.shape[0], q.shape[-1], -1)).reshape(Xi.shape)
+            X = X.movedim(1, i + 1)
+    return X
+
+
+def gram(i: int, X: Tensor, Y: Tensor) -> Tensor:
+    """``gram_i(X, Y)`` per tensor of the stacks: contract ``X`` and ``conj(Y)`` over every axis
+    but ``i`` (MATH.md §1); ``(B, d, d)``, or ``(B, d)`` with ``diag`` (only its diagonal)."""
+    B, a, d, b = _axes(X, i)
+    if a == 1:
+        return X.reshape(B, d, b) @ Y.reshape(B, d, b).mH
+    if b == 1:
+        return X.reshape(B, a, d).mT @ Y.reshape(B, a, d).conj()
+    return torch.einsum("baic,bajc->bij", X.reshape(B, a, d, b), Y.reshape(B, a, d, b).conj())
+
+
+def gram_diag(i: int, X: Tensor, Y: Tensor) -> Tensor:
+    """The diagonal of ``gram_i(X, Y)``: ``(B, d)``; for a scalar stack ``(B,)``, ``X conj(Y)``."""
+    if X.dim() == 1:
+        return X * Y.conj()
+    B, a, d, b = _axes(X, i)
+    return (X * Y.conj()).reshape(B, a, d, b).sum(dim=(1, 3))
+
+
+def gram_self(i: int, X: Tensor, dense: bool = True) -> Tensor:
+    """``gram_i(X, X)`` for a dense (``(B, d, d)``) or diagonal (``(B, d)``) factor ``i``. A
+    large dense one computes each symmetric pair of blocks once (``linalg.self_gram``)."""
+    if not dense or X.dim() == 1:
+        return gram_diag(i, X, X)
+    B, a, d, b = _axes(X, i)
+    if d <= 256 or 2 * a * b < d * d:
+        # a thin unfolding (fewer columns than d / 2) makes the product memory-bound: the
+        # block splitting would only add copies of the d x d result
+        return gram(i, X, X)
+    return self_gram(X.movedim(i + 1, 1).reshape(B, d, -1))
+
+
+def solve_qh(Q: Sequence[Tensor], V: Tensor) -> Tensor:
+    """``Q⁻ᴴ V`` for upper-triangular dense factors and diagonal ones, by triangular solves."""
+    for i, q in enumerate(Q):
+        if not is_dense(q):
+            V = V / _bcast(q.conj(), i, V)
+            continue
+        B, a, d, b = _axes(V, i)
+        if a == 1:  # along the first axis: solve Qᴴ Y = V (Qᴴ is lower-triangular)
+            Y = solve_triangular_lowp(q.mH, V.reshape(B, d, b), upper=False, left=True)
+            V = Y.reshape(V.shape)
+        else:  # along axis i moved last: Y conj(Q) = V
+            Vi = V.movedim(i + 1, -1)
+            Y = solve_triangular_lowp(q.conj(), Vi.reshape(B, -1, d), upper=True, left=False)
+            V = Y.reshape(Vi.shape).movedim(-1, i + 1)
+    return V
 
 
 def balance(Q: list[Tensor]) -> list[Tensor]:
-    """Rescale factors in place to a common ``max|Q_i|`` (their geometric mean); ``Q`` unchanged."""
+    """Rescale each tensor's factors in place to a common ``max|Q_i|`` (their geometric mean);
+    ``Q`` itself is unchanged."""
     if len(Q) < 2:
         return Q
-    norms = torch.stack([q.abs().amax() for q in Q])
+    norms = torch.stack([q.abs().reshape(q.shape[0], -1).amax(dim=1) for q in Q])
     norms = norms.clamp(min=torch.finfo(norms.dtype).tiny)  # an all-zero factor stays zero
-    gmean = norms.log().mean().exp()
-    torch._foreach_mul_(Q, list((gmean / norms).unbind()))
+    gmean = norms.log().mean(dim=0).exp()
+    for q, n in zip(Q, norms):
+        q.mul_(_bcast_factor(gmean / n, q))
     return Q
 
 
+def _bcast_factor(x: Tensor, q: Tensor) -> Tensor:
+    """A per-tensor ``(B,)`` value shaped to broadcast against the stacked factor ``q``."""
+    return x.reshape(x.shape + (1,) * (q.dim() - 1)).to(q.dtype)
+
+
 def factor_p_compact(q: Tensor, triangular: bool = False) -> Tensor:
-    """``P_i = Q_iᴴ Q_i`` in the factor's own storage: ``(d, d)`` dense, ``(d,)`` or ``()`` as
-    ``|q|²``. ``apply_q`` with these factors applies ``P`` (each ``P_i`` is Hermitian).
-    ``triangular``: ``q`` is upper-triangular (``EQ``), so its zero blocks are skipped."""
-    if q.dim() == 2:
+    """``P_i = Q_iᴴ Q_i`` of a stacked factor in its own storage: ``(B, d, d)`` dense, or ``|q|²``
+    for a diagonal or scalar one. ``triangular``: ``q`` is upper-triangular (``EQ``), so its zero
+    blocks are skipped. ``apply_q`` with these factors applies ``P`` (each ``P_i`` is Hermitian)."""
+    if is_dense(q):
         return triu_gram(q) if triangular else q.mH @ q
     return q.conj() * q
 
 
 def factor_p(q: Tensor, fits_p: bool = False) -> Tensor:
-    """The dense ``P_i`` of one factor: ``Q_iᴴ Q_i`` (or ``Q_i`` itself when ``P`` is fitted)."""
-    P = q if fits_p else factor_p_compact(q)
-    return torch.diag(P) if P.dim() == 1 else (P.reshape(1, 1) if P.dim() == 0 else P)
+    """The dense ``P_i`` of one (unstacked) factor: ``Q_iᴴ Q_i``, or ``Q_i`` itself when the
+    factors are factors of ``P``; a diagonal factor gives its diagonal matrix."""
+    if q.dim() == 2:
+        return q if fits_p else q.mH @ q
+    P = q if fits_p else q.conj() * q
+    return torch.diag(P) if P.dim() == 1 else P.reshape(1, 1)
 
 
 def kron_matrix(factors: Sequence[Tensor]) -> Tensor:
@@ -175,3 +231,8 @@ def kron_matrix(factors: Sequence[Tensor]) -> Tensor:
     for f in factors[1:]:
         out = torch.kron(out, f)
     return out
+
+
+def stack_factors(Qs: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+    """Per-tensor factor lists (each as ``init_factors`` makes them) -> one stack per factor."""
+    return [torch.stack(f) for f in zip(*Qs)]

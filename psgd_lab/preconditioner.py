@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import factors
 from . import geometry as geo
-from .pairs import damp
+from .pairs import Draws, draw
 from .structure import diag_dims, make_plan, merged_shape
 
 
@@ -131,7 +131,7 @@ class KronPreconditioner:
     @property
     def fits_p(self) -> bool:
         """True when the factors are factors of ``P`` itself (``PRO4P``, ``QUAD4P``)."""
-        return self.geometry in geo.FITS_P
+        return geo.get(self.geometry).fits_p
 
     # ------------------------------------------------------------------ maths
     def _check(self, name: str, x: Tensor) -> Tensor:
@@ -147,41 +147,55 @@ class KronPreconditioner:
         """One fitting step on the pair ``(v, h)``.
 
         ``v=None`` is whitening (``h`` is a gradient): ``v`` is integrated out where the geometry
-        allows, drawn internally where it does not (``EQ``). With ``v`` given, ``h`` should be
-        ``H v`` (Newton) or a gradient independent of ``v`` (whitening with explicit ``v``).
+        allows and drawn where it does not (``EQ``). With ``v`` given, ``h`` should be ``H v``
+        (Newton) or a gradient independent of ``v`` (whitening with an explicit ``v``).
         """
         check_positive("lr", lr)
-        h = self._check("h", h)
+        h = self._check("h", h).unsqueeze(0)
         if v is not None:
-            v = self._check("v", v)
-        if not self._initialised:
-            factors.scale_to_data(self.Q, h, v, self.damping, self.fits_p)
-            self._initialised = True
-        if self.damping > 0:
-            h = damp(h, self.damping, self.generator)
-        geo.update(
-            self.geometry,
-            self.Q,
-            self.L,
-            v,
-            h,
+            v = self._check("v", v).unsqueeze(0)
+        record = geo.get(self.geometry)
+        norm_bound = geo.default_norm_bound(self.lipschitz)
+        draws = draw(
             self.plan,
+            record.starts(self.plan, norm_bound),
+            probe=v is None and record.needs_v,
+            noise=self.damping > 0,
+            dtype=self.dtype,
+            device=self.device,
+            generator=self.generator,
+        )
+        draws = Draws.stack([draws])
+        Q = [q.unsqueeze(0) for q in self.Q]  # views: the rule updates self.Q in place
+        if not self._initialised:
+            s = factors.data_scale(h, v, self.damping, len(Q), self.fits_p)
+            for q in Q:
+                q.mul_(s.reshape((1,) * q.dim()).to(q.dtype))
+            self._initialised = True
+        geo.fit(
+            record,
+            Q,
+            [x.unsqueeze(0) for x in self.L],
+            h,
+            v,
+            draws,
             lr=lr,
             lipschitz=self.lipschitz,
             beta_L=self.beta_L,
-            generator=self.generator,
+            norm_bound=norm_bound,
+            damping=self.damping,
         )
         self.num_updates += 1
 
     def precondition(self, g: Tensor) -> Tensor:
         """``P g``, same shape as ``g`` (its dtype is kept)."""
-        x = self._check("g", g)
-        out = factors.apply_p(self.Q, x, self.plan, self.fits_p)
+        x = self._check("g", g).unsqueeze(0)
+        out = factors.apply_p([q.unsqueeze(0) for q in self.Q], x, self.fits_p)
         return out.reshape(self.shape).to(g.dtype)
 
     def balance(self) -> None:
         """Rescale the factors to a common magnitude; ``P`` is unchanged."""
-        factors.balance(self.Q)
+        factors.balance([q.unsqueeze(0) for q in self.Q])
 
     def factor_matrices(self) -> list[Tensor]:
         """Dense ``P_i`` for each factor (``P = P_1 ⊗ ... ⊗ P_k``)."""

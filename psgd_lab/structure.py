@@ -1,18 +1,15 @@
-"""Factor structure: which dims get dense vs diagonal factors, dim merging, contraction plans.
+"""Factor structure: which dims get dense vs diagonal factors, dim merging, plans.
 
-MATH.md §4. A plan holds the opt_einsum contraction expressions for one (shape, structure) pair;
-plans are cached, so every tensor of the same shape and structure reuses one set of paths.
-Symbols come from ``opt_einsum.get_symbol``, so there is no limit on the number of dims.
+MATH.md §4. A plan records one tensor's factor shape and which of its factors are diagonal; any
+number of dims is allowed.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache
-
-import opt_einsum
 
 MEMORY_SAVE_MODES = (None, "one_diag", "smart_one_diag", "all_diag")
 
@@ -86,29 +83,17 @@ def merged_shape(shape: Sequence[int]) -> tuple[int, ...]:
     return first if first[1] - first[0] <= second[1] - second[0] else second
 
 
-# --------------------------------------------------------------------------- contraction plans
-
-
-def _sym(i: int) -> str:
-    return opt_einsum.get_symbol(i)
+# --------------------------------------------------------------------------- plans
 
 
 @dataclass(frozen=True)
 class KronPlan:
-    """Contraction expressions for a tensor of ``shape`` whose factors are ``diag`` (True) or dense.
-
-    - ``apply_q(*Q, X)``: ``Q X`` (each factor once along its axis: ``Y[a] = sum_b Q[a, b] X[b]``).
-    - ``apply_p(*conj(Q), *Q, X)``: ``Qᴴ Q X``.
-    - ``grams[i](X, conj(Y))``: ``gram_i`` (d_i x d_i, or length d_i for a diagonal factor).
-    - ``apply_one[i](Q_i, X)``: factor ``i`` alone along axis ``i``.
-    """
+    """The structure of one tensor's preconditioner: its factor shape and, per dim, whether the
+    factor is diagonal (True) or dense. Tensors with equal plans (and dtypes) are stacked and
+    preconditioned together (``psgd_lab.factors`` works on such stacks)."""
 
     shape: tuple[int, ...]
     diag: tuple[bool, ...]
-    apply_q: Callable = field(repr=False)
-    apply_p: Callable = field(repr=False)
-    grams: tuple[Callable, ...] = field(repr=False)
-    apply_one: tuple[Callable, ...] = field(repr=False)
 
     @property
     def numel(self) -> int:
@@ -119,50 +104,37 @@ class KronPlan:
             return [()]
         return [(d,) if dg else (d, d) for d, dg in zip(self.shape, self.diag)]
 
+    def factor_numel(self) -> int:
+        """Elements of all factors together."""
+        return sum(math.prod(s) for s in self.factor_shapes())
+
 
 @cache
 def make_plan(shape: tuple[int, ...], diag: tuple[bool, ...]) -> KronPlan:
-    """Build (once per shape and structure) the contraction plan for ``shape``."""
+    """The plan of ``shape`` with the given diagonal flags (one per dim), cached."""
     shape = tuple(int(d) for d in shape)
     diag = tuple(bool(x) for x in diag)
     if len(diag) != len(shape):
         raise ValueError(f"diag must have one flag per dim of shape {shape}; got {diag}")
-    k = len(shape)
-    expr = opt_einsum.contract_expression
-    if k == 0:
-        apply_q = expr(",->", (), ())
-        apply_p = expr(",,->", (), (), ())
-        return KronPlan((), (), apply_q, apply_p, (expr(",->", (), ()),), (expr(",->", (), ()),))
+    return KronPlan(shape, diag)
 
-    t = [_sym(i) for i in range(k)]  # tensor index of dim i
-    o = [_sym(k + i) for i in range(k)]  # output / second index of a dense factor
-    r = [_sym(2 * k + i) for i in range(k)]  # row index shared by Qᴴ and Q in P = QᴴQ
-    fshapes = [(d,) if dg else (d, d) for d, dg in zip(shape, diag)]
 
-    # Q X: dense factor 'o t', diagonal factor 'o'; tensor 't...' -> 'o...'
-    qs = [o[i] if diag[i] else o[i] + t[i] for i in range(k)]
-    x_out = "".join(o)
-    x_in_diag = "".join(o[i] if diag[i] else t[i] for i in range(k))
-    apply_q = expr(",".join(qs) + "," + x_in_diag + "->" + x_out, *fshapes, shape)
+def fit_budget(
+    shape: Sequence[int], diag: Sequence[bool], max_elements: float
+) -> tuple[tuple[bool, ...], tuple[int, ...]]:
+    """``(diag, forced)``: the largest dense dims made diagonal, one at a time (the first of
+    equal ones), until the factors hold at most ``max_elements`` elements; ``forced`` lists the
+    dims this changed."""
+    diag, forced = list(diag), []
 
-    # Qᴴ Q X: conj factor 'r o', factor 'r t'; diagonal factors use 'o' throughout
-    qh = [o[i] if diag[i] else r[i] + o[i] for i in range(k)]
-    qq = [o[i] if diag[i] else r[i] + t[i] for i in range(k)]
-    apply_p = expr(
-        ",".join(qh) + "," + ",".join(qq) + "," + x_in_diag + "->" + x_out,
-        *fshapes,
-        *fshapes,
-        shape,
-    )
+    def elements() -> int:
+        return sum(d if dg else d * d for d, dg in zip(shape, diag))
 
-    grams, apply_one = [], []
-    for i in range(k):
-        left = "".join(o[i] if j == i else t[j] for j in range(k))
-        if diag[i]:
-            grams.append(expr(f"{left},{left}->{o[i]}", shape, shape))
-            apply_one.append(expr(f"{o[i]},{left}->{left}", fshapes[i], shape))
-        else:
-            right = "".join(r[i] if j == i else t[j] for j in range(k))
-            grams.append(expr(f"{left},{right}->{o[i]}{r[i]}", shape, shape))
-            apply_one.append(expr(f"{o[i]}{r[i]},{right}->{left}", fshapes[i], shape))
-    return KronPlan(shape, diag, apply_q, apply_p, tuple(grams), tuple(apply_one))
+    while elements() > max_elements:
+        dense = [i for i, dg in enumerate(diag) if not dg]
+        if not dense:
+            break
+        i = max(dense, key=lambda j: (shape[j], -j))
+        diag[i] = True
+        forced.append(i)
+    return tuple(diag), tuple(forced)

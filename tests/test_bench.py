@@ -18,8 +18,9 @@ def test_run_and_table_on_a_tiny_set():
     assert set(rows) == {("AdamW", None), ("psgd_lab", 1.0), ("psgd_lab", 0.5)}
     for r in rows.values():
         assert len(r["times_ms"]) == 3 and r["median_ms"] > 0 and r["state_bytes"] > 0
-    # psgd_lab's state: momentum 16x8 + 8, Q 16x16 + 8x8 + 8 (float32), as kron-torch's
-    assert rows[("psgd_lab", 1.0)]["state_bytes"] == 4 * (128 + 8 + 256 + 64 + 8)
+    # psgd_lab's state: momentum 16x8 + 8, Q 16x16 + 8x8 + 8 (float32), as kron-torch's, and a
+    # step counter per parameter (int64, on the device: skipped steps need no host sync)
+    assert rows[("psgd_lab", 1.0)]["state_bytes"] == 4 * (128 + 8 + 256 + 64 + 8) + 2 * 8
     assert rows[("psgd_lab", 1.0)]["flops"] > rows[("psgd_lab", 0.5)]["flops"] > 0
     text = bench.table(report)
     assert "| tiny | psgd_lab | 1 |" in text and "× AdamW" in text and "GFLOP/s" in text

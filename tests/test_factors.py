@@ -1,4 +1,4 @@
-"""Applying Q, Qᴴ and P without the Kronecker product; gram_i; balancing; solves."""
+"""Applying Q, Qᴴ and P without the Kronecker product; gram_i; balancing; solves; on stacks."""
 
 from __future__ import annotations
 
@@ -10,18 +10,18 @@ from psgd_lab.problems import STRUCTURES, kron_problem
 from psgd_lab.structure import make_plan
 
 
-def random_factors(shape, diag, dtype=torch.float64, seed=0):
+def random_factors(shape, diag, dtype=torch.float64, seed=0, batch=1):
+    """A stack of ``batch`` random factor sets (dense ones upper-triangular, well conditioned)."""
     gen = torch.Generator().manual_seed(seed)
-    plan = make_plan(shape, diag)
     if not shape:
-        return plan, [torch.randn((), generator=gen, dtype=dtype)]
-    Q = [
-        torch.randn(d, generator=gen, dtype=dtype)
+        return [torch.randn(batch, generator=gen, dtype=dtype)]
+    eye = torch.eye
+    return [
+        torch.randn(batch, d, generator=gen, dtype=dtype)
         if dg
-        else torch.triu(torch.randn(d, d, generator=gen, dtype=dtype)) + 3 * torch.eye(d)
+        else torch.triu(torch.randn(batch, d, d, generator=gen, dtype=dtype)) + 3 * eye(d)
         for d, dg in zip(shape, diag)
     ]
-    return plan, Q
 
 
 def dense(q):
@@ -31,31 +31,43 @@ def dense(q):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
 @pytest.mark.parametrize("structure", STRUCTURES)
 def test_apply_q_qh_p_equal_explicit_kron(structure, dtype):
+    """On a stack of 3: each tensor's result equals its explicit Kronecker matrix's product."""
     shape, diag, _, _ = kron_problem(structure)
-    plan, Q = random_factors(shape, diag, dtype)
-    Qm = factors.kron_matrix([dense(q) for q in Q])
-    X = torch.randn(shape, dtype=dtype)
-    x = X.reshape(-1)
-    torch.testing.assert_close(factors.apply_q(Q, X, plan).reshape(-1), Qm @ x)
-    torch.testing.assert_close(factors.apply_qh(Q, X, plan).reshape(-1), Qm.mH @ x)
-    torch.testing.assert_close(factors.apply_p(Q, X, plan).reshape(-1), Qm.mH @ Qm @ x)
-    torch.testing.assert_close(
-        factors.solve_qh(Q, X).reshape(-1), torch.linalg.solve(Qm.mH, x.reshape(-1, 1))[:, 0]
-    )
+    Q = random_factors(shape, diag, dtype, batch=3)
+    X = torch.randn((3, *shape), dtype=dtype)
+    outs = {
+        "q": factors.apply_q(Q, X),
+        "qh": factors.apply_qh(Q, X),
+        "p": factors.apply_p(Q, X),
+        "solve": factors.solve_qh(Q, X),
+        "tri": factors.apply_q_triangular(Q, X),
+    }
+    for b in range(3):
+        Qm = factors.kron_matrix([dense(q[b]) for q in Q])
+        x = X[b].reshape(-1)
+        torch.testing.assert_close(outs["q"][b].reshape(-1), Qm @ x)
+        torch.testing.assert_close(outs["tri"][b].reshape(-1), Qm @ x)
+        torch.testing.assert_close(outs["qh"][b].reshape(-1), Qm.mH @ x)
+        torch.testing.assert_close(outs["p"][b].reshape(-1), Qm.mH @ Qm @ x)
+        expected = torch.linalg.solve(Qm.mH, x.reshape(-1, 1))[:, 0]
+        torch.testing.assert_close(outs["solve"][b].reshape(-1), expected)
 
 
 @pytest.mark.parametrize("structure", STRUCTURES)
 def test_gram(structure):
     shape, diag, _, _ = kron_problem(structure)
-    plan = make_plan(shape, diag)
-    X = torch.randn(shape, dtype=torch.complex128)
-    Y = torch.randn(shape, dtype=torch.complex128)
+    X = torch.randn((2, *shape), dtype=torch.complex128)
+    Y = torch.randn((2, *shape), dtype=torch.complex128)
     for i in range(len(shape)):
-        Xi = X.movedim(i, 0).reshape(shape[i], -1)
-        Yi = Y.movedim(i, 0).reshape(shape[i], -1)
-        full = Xi @ Yi.mH
-        expected = torch.diagonal(full) if diag[i] else full
-        torch.testing.assert_close(factors.gram(i, X, Y, plan), expected)
+        for b in range(2):
+            Xi = X[b].movedim(i, 0).reshape(shape[i], -1)
+            Yi = Y[b].movedim(i, 0).reshape(shape[i], -1)
+            full = Xi @ Yi.mH
+            torch.testing.assert_close(factors.gram(i, X, Y)[b], full)
+            torch.testing.assert_close(factors.gram_diag(i, X, Y)[b], torch.diagonal(full))
+            got = factors.gram_self(i, X, dense=not diag[i])[b]
+            want = torch.diagonal(Xi @ Xi.mH) if diag[i] else Xi @ Xi.mH
+            torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
@@ -74,14 +86,18 @@ def test_precondition_equals_dense_matrix(structure, geometry):
 @pytest.mark.parametrize("structure", [s for s in STRUCTURES if len(STRUCTURES[s]) > 1])
 def test_balancing_keeps_p(structure):
     shape, diag, _, _ = kron_problem(structure)
-    plan, Q = random_factors(shape, diag)
-    Q[0].mul_(1e3)
-    before = factors.kron_matrix([factors.factor_p(q) for q in Q])
+    Q = random_factors(shape, diag, batch=2)
+    Q[0][1].mul_(1e3)  # only the second tensor's first factor is out of scale
+
+    def p_of(b):
+        return factors.kron_matrix([factors.factor_p(q[b]) for q in Q])
+
+    before = [p_of(b) for b in range(2)]
     factors.balance(Q)
-    after = factors.kron_matrix([factors.factor_p(q) for q in Q])
-    torch.testing.assert_close(after, before)
-    norms = torch.stack([q.abs().amax() for q in Q])
-    torch.testing.assert_close(norms, norms.mean().expand_as(norms))
+    for b in range(2):
+        torch.testing.assert_close(p_of(b), before[b])
+        norms = torch.stack([q[b].abs().amax() for q in Q])
+        torch.testing.assert_close(norms, norms.mean().expand_as(norms))
 
 
 def test_init_scale_is_split_across_factors():
@@ -91,11 +107,15 @@ def test_init_scale_is_split_across_factors():
     torch.testing.assert_close(P, 64.0 * torch.eye(60, dtype=torch.float64))
 
 
-def test_data_init_scale():
-    h = torch.full((4, 4), 2.0, dtype=torch.float64)
-    torch.testing.assert_close(factors.data_init_scale(h, damping=0.0).item(), 2.0**-0.5)
-    v = torch.full((4, 4), 3.0, dtype=torch.float64)
-    torch.testing.assert_close(factors.data_init_scale(h, v, damping=0.0).item(), 3**0.5 / 2**0.5)
+def test_data_scale():
+    """``(mean|h|⁴)^(-1/8)`` (times ``(mean|v|²)^(1/4)`` in Newton mode) spread over k factors."""
+    h = torch.stack([torch.full((4, 4), 2.0), torch.full((4, 4), 0.5)]).double()
+    s = factors.data_scale(h, None, 0.0, k=2, fits_p=False)
+    torch.testing.assert_close(s**2, torch.tensor([2.0**-0.5, 2.0**0.5], dtype=torch.float64))
+    v = torch.full((2, 4, 4), 3.0, dtype=torch.float64)
+    s = factors.data_scale(h, v, 0.0, k=1, fits_p=True)
+    torch.testing.assert_close(s[0], torch.tensor((3**0.5 / 2**0.5) ** 2, dtype=torch.float64))
+    assert torch.isfinite(factors.data_scale(torch.zeros(1, 3), None, 0.0, 1, False)).all()
 
 
 def test_kron_matrix_refuses_large():
@@ -103,23 +123,23 @@ def test_kron_matrix_refuses_large():
         factors.kron_matrix([torch.eye(100), torch.eye(100)])
 
 
-@pytest.mark.parametrize(
-    "shape, diag",
-    [((), ()), ((7,), (True,)), ((5, 6), (False, True)), ((300, 3), (False, False)),
-     ((3, 4, 5), (False, True, False)), ((2, 3, 2, 3), (False, False, False, False))],
-)  # fmt: skip
-@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
-def test_structured_gram_and_triangular_apply_equal_the_plain_ones(shape, diag, dtype):
-    from psgd_lab.factors import apply_q, apply_q_triangular, gram, gram_self
-    from psgd_lab.structure import make_plan
+@pytest.mark.parametrize("d", [300, 600])
+def test_large_triangular_and_gram_paths_equal_plain_products(d):
+    """Above 256 the triangular apply and the self gram split into blocks; same result."""
+    g = torch.Generator().manual_seed(d)
+    Q = [torch.randn(2, d, d, generator=g, dtype=torch.float64).triu(),
+         torch.randn(2, 5, generator=g, dtype=torch.float64)]  # fmt: skip
+    X = torch.randn(2, d, 5, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(factors.apply_q_triangular(Q, X), factors.apply_q(Q, X))
+    Y = torch.randn(2, 3, d, d, generator=g, dtype=torch.float64)  # axis 1 and 2 of (3, d, d)
+    for i in (1, 2):
+        torch.testing.assert_close(factors.gram_self(i, Y), factors.gram(i, Y, Y))
 
-    g = torch.Generator().manual_seed(0)
-    plan = make_plan(shape, diag)
-    X = torch.randn(shape, generator=g, dtype=dtype)
-    Q = [
-        torch.randn(s, generator=g, dtype=dtype).triu() if len(s) == 2 else
-        torch.randn(s, generator=g, dtype=dtype) for s in plan.factor_shapes()
-    ]  # fmt: skip
-    torch.testing.assert_close(apply_q_triangular(Q, X), apply_q(Q, X, plan))
-    for i in range(len(shape)):
-        torch.testing.assert_close(gram_self(i, X, plan), gram(i, X, X, plan))
+
+def test_stacked_p_factors_apply_p():
+    """``apply_q`` with ``factor_p_compact`` of each factor applies ``P`` (triangular or not)."""
+    Q = random_factors((4, 3), (False, True), batch=2)
+    X = torch.randn(2, 4, 3, dtype=torch.float64)
+    for tri in (True, False):
+        P = [factors.factor_p_compact(q, triangular=tri) for q in Q]
+        torch.testing.assert_close(factors.apply_q(P, X), factors.apply_p(Q, X))

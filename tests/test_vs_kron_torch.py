@@ -23,6 +23,18 @@ def eager_kron_torch():
         yield
 
 
+@pytest.fixture(autouse=True)
+def global_rng_draws(monkeypatch):
+    """kron-torch draws ``v`` from the global RNG, one parameter after another; psgd_lab draws
+    it from each parameter's own stream. Here psgd_lab's draws are routed to the global RNG (in
+    the same order: parameter by parameter, on update steps), so both see the same ``v``."""
+
+    def global_randn(*args, generator=None, **kwargs):
+        return torch.randn(*args, **kwargs)
+
+    monkeypatch.setattr(psgd_lab.optim.streams, "randn", global_randn)
+
+
 def test_signature_and_defaults_match():
     ours = inspect.signature(psgd_lab.Kron.__init__).parameters
     theirs = inspect.signature(kron_torch.Kron.__init__).parameters
@@ -88,11 +100,11 @@ def _task(seed: int, noisy_labels: bool = True):
 
 
 def _train(cls, seed: int, steps: int, noise_seed: int = 42, **kw):
-    """Train with ``cls``; kron-torch draws ``v`` from the global RNG, psgd_lab from its own
-    generator seeded with ``seed=42``: seeding the global RNG with 42 gives both the same ``v``."""
+    """Train with ``cls``; both draw ``v`` from the global RNG (``global_rng_draws``), seeded
+    with ``noise_seed``; psgd_lab's ``seed`` (42) gives kron-torch's balancing decisions."""
     X, y, model = _task(seed)
     if cls is psgd_lab.Kron:
-        kw["seed"] = noise_seed
+        kw["seed"] = 42
     opt = cls(model.parameters(), lr=3e-3, weight_decay=1e-3, **kw)
     counters = []
     with torch.random.fork_rng():

@@ -1,0 +1,15 @@
+"""The optimisers: thin ``torch.optim`` classes over functional kernels.
+
+- ``kron``: the ``Kron`` class (``step`` reads in one screen);
+- ``kernels``: the single-tensor reference and the grouped multi-tensor kernel, tested equal;
+- ``newton``: the closure and Newton mode's ``(v, Hv)`` pairs;
+- ``placement``: replicated, ``"shard"``, FSDP2 ``"full"`` and ``"local"``;
+- ``checkpoint``: ``state_dict`` and its checks; ``streams``: per-parameter random streams;
+- ``memory``: factor structure, the memory warning and budget, ``describe()``;
+- ``config``: hyperparameter validation.
+"""
+
+from .kron import Kron
+from .memory import ParamInfo
+
+__all__ = ["Kron", "ParamInfo"]

@@ -1,0 +1,329 @@
+"""The maths of one ``Kron`` step for the parameters of one group (MATH.md §5), in two kernels.
+
+- ``single_step``: the plain reference, one tensor at a time, reading like the paper; a
+  non-finite gradient is found on the host and the tensor skipped.
+- ``grouped_step``: tensors of equal structure (factor shape, diagonal flags, dtypes, device)
+  stacked, each line one batched op for the whole stack; a non-finite or all-zero gradient is
+  masked on the device (``torch.where``), so the step needs no host sync. The default.
+
+Both end in the same thing per tensor: the update direction ``u`` (in the factor shape) and a
+flag ``ok`` (False: non-finite, skipped), to be applied as ``θ ← θ·(1 − lr·wd·ok) − lr·u``
+(``apply_updates``). Both share the maths of the fit (``geometry.fit``) and of applying ``P``
+(``precondition``), so a tested difference between them can only come from stacking and masking.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .. import factors
+from .. import geometry as geo
+from ..pairs import Draws
+from ..structure import KronPlan
+from .config import Hyper
+
+CHUNK_BYTES = 32 * 2**20  # at most this much gradient per stack (or one larger tensor)
+
+
+@dataclass
+class Item:
+    """One parameter this step, as the kernels see it."""
+
+    p: Tensor  # the parameter (the kernels never write it)
+    grad: Tensor  # its whole gradient (gathered for FSDP2), the parameter's shape and dtype
+    state: dict  # step, momentum_buffer, Q (and L with lipschitz="ema", initialised)
+    plan: KronPlan
+    draws: Draws | None = None  # this update's draws (no batch dim); None on apply-only steps
+    hv: tuple[Tensor, Tensor] | None = None  # Newton mode: (v, H v), the parameter's shape
+
+    def key(self) -> tuple:
+        """Tensors with equal keys are stacked together."""
+        st = self.state
+        return (self.plan, self.grad.dtype, st["momentum_buffer"].dtype, st["Q"][0].dtype,
+                self.grad.device, self.hv is not None)  # fmt: skip
+
+
+def cached_dims(plan: KronPlan, prob: float | None) -> tuple[bool, ...]:
+    """Which factors keep ``P_i = Q_iᴴQ_i`` between updates: diagonal ones always; a dense one
+    while ``prob · d_i² ≤ numel`` (its ``d_i³`` product after each update of ``Q`` is cheaper
+    than the ``d_i · numel`` product it saves on every step). ``prob=None``: none (no cache)."""
+    numel = max(plan.numel, 1)
+    if prob is None:
+        return (False,) * max(len(plan.shape), 1)
+    if not plan.shape:
+        return (True,)
+    return tuple(dg or prob * d * d <= numel for d, dg in zip(plan.shape, plan.diag))
+
+
+def precondition(
+    Q: Sequence[Tensor], X: Tensor, hy: Hyper, keep: tuple[bool, ...], cached: list | None
+) -> tuple[Tensor, list | None]:
+    """``P X`` for stacks, axis by axis: a cached ``P_i`` where ``keep[i]`` (computed now if
+    ``cached`` lacks it), else ``Q_iᴴ (Q_i X)``. Returns ``(P X, the P_i to keep)``; factors of
+    ``P`` (``PRO4P``, ``QUAD4P``) are applied as they are."""
+    if hy.geometry.fits_p:
+        return factors.apply_q(Q, X), None
+    P = list(cached) if cached is not None else [None] * len(Q)
+    for i, q in enumerate(Q):
+        if keep[i]:
+            if P[i] is None:
+                P[i] = factors.factor_p_compact(q, hy.geometry.triangular)
+            X = factors.apply_one(P[i], i, X)
+        else:
+            P[i] = None
+            X = factors.apply_one(factors.adjoint(q), i, factors.apply_one(q, i, X))
+    return X, P
+
+
+def _pair(hy: Hyper, m_hat: Tensor, g: Tensor, hv) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``(h, v, what decides an all-zero pair)``: whitening fits ``m̂`` (or ``g``), Newton
+    ``(v, Hv)``; a step whose gradient (Newton: ``Hv``) is all zero carries no information."""
+    if hv is not None:
+        v, h = hv
+        return h, v, h
+    return (m_hat if hy.momentum_into_precond_update else g), None, g
+
+
+def _fit(hy: Hyper, Q: list, state_L, h, v, draws: Draws, balance: bool, init) -> list:
+    """Balance (if due), the data-driven initial scale (if pending), one fit; Lipschitz state."""
+    if balance and len(Q) > 1:
+        factors.balance(Q)
+    if init is not None:  # precond_init_scale=None: scale Q to the first informative pair
+        s = factors.data_scale(h, v, hy.init_damping, len(Q), hy.geometry.fits_p)
+        s = torch.where(init, torch.ones_like(s), s)
+        for q in Q:
+            q.mul_(s.reshape(s.shape + (1,) * (q.dim() - 1)).to(q.dtype))
+    real = torch.promote_types(Q[0].real.dtype, torch.float32)
+    L = state_L if state_L is not None else [h.new_zeros(h.shape[0], dtype=real) for _ in Q]
+    geo.fit(hy.geometry, Q, L, h, v, draws, lr=hy.precond_lr, lipschitz=hy.lipschitz,
+            beta_L=hy.beta_L, norm_bound=hy.norm_bound, damping=hy.damping)  # fmt: skip
+    return L
+
+
+def _clip(Pm: Tensor, debias: Tensor) -> Tensor:
+    """Per tensor of the stack: ``scale`` with ``u = scale · P m`` = ``P m̂`` clipped to RMS 1.1
+    (MATH.md §5.4); ``P`` is linear, so the debias folds into the scale. ``vector_norm`` along
+    the contiguous last dim is fast and accumulates in double on the CPU (no overflow)."""
+    n = math.prod(Pm.shape[1:])
+    rms = torch.linalg.vector_norm(Pm.reshape(Pm.shape[0], -1), dim=1) / (math.sqrt(n) * debias)
+    return torch.clamp(1.1 / (rms + 1e-12), max=1.0) / debias
+
+
+def _debias(b1: float, steps: Tensor, like: Tensor) -> Tensor:
+    """``1 − b1ᵗ`` per tensor; 1 before a tensor's first finite step (its momentum is still 0)."""
+    real = torch.promote_types(like.real.dtype, torch.float32)
+    return torch.where(steps > 0, 1 - torch.pow(b1, steps.to(real)), 1.0)
+
+
+def _known(mask: Tensor) -> bool | None:
+    """Whether every entry of ``mask`` holds, where knowing it costs nothing: eagerly on the
+    CPU (a host read there waits for no device). None on an accelerator or under
+    ``torch.compile``: the kernel then masks on the device instead, without a sync. With
+    ``False`` (some entry fails) the caller masks too; it is only ``True`` that skips work."""
+    if mask.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    return True if bool(mask.all()) else None
+
+
+def _momentum(M: Tensor, G: Tensor, b1: float, ok: Tensor, every: bool | None) -> Tensor:
+    """``m <- b1·m + (1 − b1)·g`` (MATH.md §5.1) in place where ``ok``, ``m`` where not: a
+    weight of 0 keeps ``m`` exactly, and ``nan_to_num`` (the identity on a finite gradient)
+    keeps NaN out of ``0·(g − m)``. Arithmetic, not ``torch.where`` (several times slower on
+    the CPU). ``every``: all ``ok`` (known on the host), so no masking. Returns ``M``."""
+    if every:
+        return M.lerp_(G.to(M.dtype), 1 - b1)
+    weight = ok.to(M.real.dtype) * (1 - b1)  # in M's precision: a float32 0.1 is not 1 − b1
+    return M.lerp_(torch.nan_to_num(G.to(M.dtype)), _per(weight, M))
+
+
+def _per(x: Tensor, like: Tensor) -> Tensor:
+    """A per-tensor ``(B,)`` value shaped to broadcast against the stack ``like``."""
+    return x.reshape(x.shape + (1,) * (like.dim() - 1))
+
+
+# ---------------------------------------------------------------------------- the reference
+
+
+def single_step(items: Sequence[Item], hy: Hyper, *, do_update: bool, prob: float | None,
+                balance: bool, cache: dict) -> list[tuple[Tensor, Tensor]]:  # fmt: skip
+    """The reference kernel: each tensor on its own (a stack of one), skipped on the host when
+    its gradient (or ``Hv``) is not finite. ``cache``: ``id(p) -> P_i`` between calls."""
+    out = []
+    for it in items:
+        st, fshape = it.state, it.plan.shape
+        g = it.grad.reshape(1, *fshape)
+        hv = None if it.hv is None else tuple(x.reshape(1, *fshape) for x in it.hv)
+        finite = torch.isfinite(g).all() & (True if hv is None else torch.isfinite(hv[1]).all())
+        if not bool(finite):
+            out.append((torch.zeros(fshape, dtype=st["Q"][0].dtype, device=g.device),
+                        torch.zeros((), dtype=torch.bool, device=g.device)))  # fmt: skip
+            continue
+        m = st["momentum_buffer"].view(1, *fshape)
+        _momentum(m, g, hy.b1, finite.reshape(1), True)
+        st["step"] += 1
+        Q = [q.unsqueeze(0) for q in st["Q"]]  # views: updated in place
+        pd = Q[0].dtype
+        debias = _debias(hy.b1, st["step"].reshape(1), Q[0])
+        m_p = m.to(pd)
+        if do_update:
+            pair = None if hv is None else (hv[0].to(pd), hv[1].to(pd))
+            h, v, info = _pair(hy, (m_p / _per(debias, m_p)).to(pd), g.to(pd), pair)
+            if bool((info != 0).any()):
+                init = None
+                if hy.init_scale is None:
+                    init = st["initialised"].reshape(1)
+                L = None if "L" not in st else [x.reshape(1) for x in st["L"]]
+                _fit(hy, Q, L, h, v, Draws.stack([it.draws]), balance, init)
+                if init is not None:
+                    st["initialised"].fill_(True)
+            cache.pop(id(it.p), None)
+        keep = cached_dims(it.plan, prob)
+        Pm, cache[id(it.p)] = precondition(Q, m_p, hy, keep, cache.get(id(it.p)))
+        u = Pm.mul_(_per(_clip(Pm, debias), Pm))
+        out.append((u[0], torch.ones((), dtype=torch.bool, device=g.device)))
+    return out
+
+
+# ---------------------------------------------------------------------------- the grouped kernel
+
+
+def stacked_step(G, M, steps, Q, L, init, hv, draws, *, hy: Hyper, pd: torch.dtype,
+                 do_update: bool, balance: bool, keep: tuple, cached):  # fmt: skip
+    """The grouped maths on stacks, without host syncs (a pure function of its inputs; what
+    ``Kron(compile=True)`` compiles): returns ``(M, steps, Q, L, init, u, ok, P_i kept)``."""
+    finite, nonzero = _stats(G)
+    if hv is not None:
+        hv_finite, nonzero = _stats(hv[1])
+        finite = finite & hv_finite
+    ok = finite
+    M = _momentum(M, G, hy.b1, ok, _known(ok))
+    steps = steps + ok
+    debias = _debias(hy.b1, steps, M.new_empty(0, dtype=pd))
+    m_p = M.to(pd)
+    if do_update:
+        pair = None if hv is None else (hv[0].to(pd), hv[1].to(pd))
+        h, v, _ = _pair(hy, (m_p / _per(debias, m_p)).to(pd), G.to(pd), pair)
+        fit_ok = ok & nonzero
+        every = _known(fit_ok)
+        if every:  # the CPU knows every pair is fit: update in place (L too), nothing to mask
+            _fit(hy, Q, L, h, v, draws, balance, init)
+        elif every is None:  # unknown (an accelerator, compiled) or mixed: fit copies, mask
+            work = [q.clone() for q in Q]
+            L_work = None if L is None else [x.clone() for x in L]
+            L_work = _fit(hy, work, L_work, h, v, draws, balance, init)
+            Q = [torch.where(_per(fit_ok, q), w, q) for q, w in zip(Q, work)]
+            if L is not None:
+                L = [torch.where(fit_ok, w, x) for x, w in zip(L, L_work)]
+        if init is not None:
+            init = init | fit_ok
+        cached = None
+    Pm, cached = precondition(Q, m_p, hy, keep, cached)
+    scale = _clip(Pm, debias) * ok
+    return M, steps, Q, L, init, Pm.mul_(_per(scale, Pm)), ok, cached
+
+
+def _stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per tensor of the stack: all finite, and not all zero, from its maximum and minimum (NaN
+    and ±Inf reach one of them; the tensor is all zero iff both are 0). No temporary: fused
+    ``torch.aminmax`` over a dim is many times slower on the CPU, and so is ``abs().amax()``'s
+    copy of a large tensor (page faults)."""
+    flat = x.reshape(x.shape[0], -1)
+    if flat.shape[1] == 0:
+        none = torch.zeros(flat.shape[0], dtype=torch.bool, device=x.device)
+        return ~none, none
+    if flat.is_complex():
+        flat = torch.view_as_real(flat).reshape(flat.shape[0], -1)
+    hi, lo = flat.amax(dim=1), flat.amin(dim=1)
+    return torch.isfinite(hi) & torch.isfinite(lo), (hi != 0) | (lo != 0)
+
+
+def chunks(items: Sequence[Item], cap: int = CHUNK_BYTES) -> list[list[Item]]:
+    """Items grouped by ``Item.key`` (in first-seen order), each group split so a stack holds at
+    most ``cap`` bytes of gradient (or one tensor)."""
+    groups: dict[tuple, list[tuple[int, list[Item]]]] = {}
+    for it in items:
+        parts = groups.setdefault(it.key(), [(0, [])])
+        size, part = parts[-1]
+        nbytes = it.grad.nbytes
+        if part and size + nbytes > cap:
+            parts.append((0, []))
+            size, part = parts[-1]
+        part.append(it)
+        parts[-1] = (size + nbytes, part)
+    return [part for parts in groups.values() for _, part in parts]
+
+
+def _stack(xs: list[Tensor]) -> Tensor:
+    """``torch.stack``, or a view for a stack of one (no copy)."""
+    return xs[0].unsqueeze(0) if len(xs) == 1 else torch.stack(xs)
+
+
+def grouped_step(items: Sequence[Item], hy: Hyper, *, do_update: bool, prob: float | None,
+                 balance: bool, cache: dict, step_fn=stacked_step) -> list:  # fmt: skip
+    """The grouped kernel: one ``stacked_step`` per chunk of equal-structured tensors; results
+    copied back into each tensor's state with ``torch._foreach_copy_``. ``cache``: per chunk of
+    tensors, the ``P_i`` kept between calls."""
+    out: dict[int, tuple[Tensor, Tensor]] = {}
+    for part in chunks(items):
+        sts, fshape = [it.state for it in part], part[0].plan.shape
+        key, keep = tuple(id(it.p) for it in part), cached_dims(part[0].plan, prob)
+        cached = cache.get(key)
+        kept_all = cached is not None and all(c is not None for k, c in zip(keep, cached) if k)
+        if do_update or not (kept_all and all(keep)) or hy.geometry.fits_p:
+            Q0 = [_stack(list(f)) for f in zip(*(st["Q"] for st in sts))]
+        else:  # every factor applied from its kept P_i: Q is not needed, not even stacked
+            Q0 = [None] * len(keep)
+        L0 = None if "L" not in sts[0] else [_stack(list(f)) for f in zip(*(st["L"] for st in sts))]
+        init = None if hy.init_scale is not None else torch.stack([st["initialised"] for st in sts])
+        hv = None
+        if part[0].hv is not None:
+            hv = tuple(torch.stack([it.hv[j].reshape(fshape) for it in part]) for j in (0, 1))
+        draws = Draws.stack([it.draws for it in part]) if do_update else None
+        moms = [st["momentum_buffer"].view(fshape) for st in sts]
+        M, steps, Q, L, init, U, ok, kept = step_fn(
+            _stack([it.grad.reshape(fshape) for it in part]), _stack(moms),
+            _stack([st["step"] for st in sts]), Q0, L0, init, hv, draws, hy=hy,
+            pd=sts[0]["Q"][0].dtype, do_update=do_update, balance=balance, keep=keep,
+            cached=cached,
+        )  # fmt: skip
+        cache[key] = kept
+        if len(part) > 1:  # a stack of one is a view: updated in place already
+            torch._foreach_copy_(moms, list(M.unbind(0)))
+        torch._foreach_copy_([st["step"] for st in sts], list(steps.unbind(0)))
+        if do_update:
+            # a stack of one updated in place is the state itself; anything else is copied back
+            for i in range(len(Q0)):
+                if len(part) > 1 or Q[i] is not Q0[i]:
+                    torch._foreach_copy_([st["Q"][i] for st in sts], list(Q[i].unbind(0)))
+            if L is not None:
+                for i in range(len(L)):
+                    if len(part) > 1 or L[i] is not L0[i]:
+                        torch._foreach_copy_([st["L"][i] for st in sts], list(L[i].unbind(0)))
+            if init is not None:
+                torch._foreach_copy_([st["initialised"] for st in sts], list(init.unbind(0)))
+        for it, u, k in zip(part, U.unbind(0), ok.unbind(0)):
+            out[id(it.p)] = (u, k)
+    return [out[id(it.p)] for it in items]
+
+
+def apply_updates(targets: list[Tensor], us: list[Tensor], oks: list[Tensor], ndims: list[int],
+                  lr: float, weight_decay: float) -> None:  # fmt: skip
+    """``θ ← θ·(1 − lr·wd·ok) − lr·u`` for every target (weight decay only where the parameter
+    has ``ndim ≥ 2``), with ``torch._foreach`` ops: one call each for the whole list. A skipped
+    tensor (``ok`` False, ``u = 0``) is left exactly as it was."""
+    if not targets:
+        return
+    decay = [i for i, n in enumerate(ndims) if n >= 2] if weight_decay != 0 else []
+    if decay:
+        # one op for the list, not three per tensor; in float64 (where the device has it), so a
+        # float64 parameter decays by exactly 1 − lr·wd
+        wide = torch.float32 if targets[0].device.type == "mps" else torch.float64
+        ok = torch.stack([oks[i] for i in decay]).to(wide)
+        keep = (1 - lr * weight_decay * ok).unbind(0)
+        torch._foreach_mul_([targets[i] for i in decay], list(keep))
+    torch._foreach_add_(targets, [u.reshape(t.shape) for u, t in zip(us, targets)], alpha=-lr)

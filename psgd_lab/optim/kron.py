@@ -1,0 +1,353 @@
+"""``Kron``: PSGD Kron as a ``torch.optim.Optimizer`` (MATH.md §5), a drop-in for kron-torch's.
+
+``step`` reads: the closure (first, as torch.optim does) → the update decisions → the random
+draws and, in Newton mode, the ``(v, Hv)`` pairs → one kernel per group (``kernels``) → the
+results applied where they belong (``placement``). Defaults reproduce kron-torch 0.3.3 step for
+step (EQ, kron-torch normalisation, the same schedule and balancing decisions).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from .. import distributed as dist_
+from .. import factors
+from ..schedules import precond_update_prob_schedule
+from ..structure import KronPlan
+from . import checkpoint, memory, newton, placement
+from .config import Hyper, check_group, check_options, check_param, mu_dtype, precond_dtype
+from .kernels import Item, grouped_step, single_step, stacked_step
+from .memory import ParamInfo
+from .streams import LazyCount, Streams
+
+
+class Kron(torch.optim.Optimizer):
+    """PSGD Kron (X.-L. Li): momentum preconditioned by a Kronecker-factored ``P = QᴴQ``.
+
+    The positional arguments are kron-torch's, with its defaults (``lr`` about 3x smaller than
+    Adam's; ``weight_decay`` decoupled, on ``ndim >= 2`` only; ``preconditioner_update_probability``
+    a float, a callable ``n -> prob`` or ``None`` for ``precond_update_prob_schedule()``;
+    ``max_size_triangular``, ``min_ndim_triangular``, ``memory_save_mode``, ``merge_dims``: which
+    dims get diagonal factors (MATH.md §4); ``precond_init_scale=None``: the data-driven scale).
+
+    Keyword-only, beyond kron-torch (defaults keep its behaviour; the README's table has more):
+
+    Args:
+        geometry: the Lie-group rule, a name registered in ``psgd_lab.geometry.REGISTRY``.
+        mode: ``"whiten"`` (kron-torch) or ``"newton"``: fit ``P`` to Hessian-vector products;
+            then ``step(closure)`` is required and the closure returns the loss without calling
+            ``backward()``: the optimiser adds its gradient to ``.grad`` and computes ``Hv``.
+        hvp: Newton's ``Hv``: ``"autograd"`` (exact) or ``"finite_difference"``.
+        max_skew: a dim of size ``d`` becomes diagonal when ``d² > max_skew · numel``.
+        damping: ``None``: kron-torch's relative ``sqrt(eps)·mean|h|·v`` in whitening, none in
+            Newton mode (its pairs are exact); a float ``λ``: noise ``(λ + eps|h|)·n``.
+        lipschitz, beta_L: step normalisation, ``"kron"`` (``L = ℓ``) or the ``"ema"``.
+        precond_budget: a multiple of each parameter's bytes its factors may take; the largest
+            dense dims become diagonal until they fit (``describe()`` reports which).
+        seed: seeds the per-parameter random streams and the balancing decisions (42 gives
+            kron-torch's); the global RNG is never touched.
+        nonfinite: ``"skip"`` leaves a parameter with a NaN/Inf gradient (or ``Hv``), its momentum
+            and ``Q`` untouched, masked on the device (no host sync), counted lazily in
+            ``nonfinite_count``; ``"raise"`` raises ``FloatingPointError`` (one sync per step).
+        precond_cache: keep ``P_i = Q_iᴴQ_i`` between updates where it pays (not checkpointed).
+        kernel: ``"grouped"`` stacks tensors of equal structure (the fast path) or ``"single"``,
+            the plain per-tensor reference; the same maths, tested equal.
+        compile: compile the grouped kernel with ``torch.compile`` (one graph per structure).
+        distributed, process_group, dtensor: see ``placement`` and the README (``"shard"``:
+            one owner rank per parameter; FSDP2 ``"full"`` or ``"local"``).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 0.0003,
+        b1: float = 0.9,
+        weight_decay: float = 0.0,
+        preconditioner_update_probability: float | Callable | None = None,
+        max_size_triangular: int = 8192,
+        min_ndim_triangular: int = 2,
+        memory_save_mode: str | None = None,
+        momentum_into_precond_update: bool = True,
+        precond_lr: float = 0.1,
+        precond_init_scale: float | None = 1.0,
+        merge_dims: bool = True,
+        mu_dtype: torch.dtype | None = None,
+        precond_dtype: torch.dtype | None = None,
+        *,
+        geometry: str = "EQ",
+        mode: str = "whiten",
+        hvp: str = "autograd",
+        max_skew: float = math.inf,
+        damping: float | None = None,
+        lipschitz: str = "kron",
+        beta_L: float = 0.9,
+        precond_budget: float | None = None,
+        seed: int = 42,
+        nonfinite: str = "skip",
+        precond_cache: bool = True,
+        kernel: str = "grouped",
+        compile: bool = False,
+        distributed: str | None = None,
+        process_group=None,
+        dtensor: str = "full",
+    ):
+        if preconditioner_update_probability is None:
+            preconditioner_update_probability = precond_update_prob_schedule()
+        check_options(mode=mode, hvp=hvp, nonfinite=nonfinite, kernel=kernel, seed=seed,
+                      precond_cache=precond_cache, compile=compile, distributed=distributed,
+                      dtensor=dtensor)  # fmt: skip
+        defaults = dict(
+            lr=lr, b1=b1, weight_decay=weight_decay,
+            preconditioner_update_probability=preconditioner_update_probability,
+            max_size_triangular=max_size_triangular, min_ndim_triangular=min_ndim_triangular,
+            memory_save_mode=memory_save_mode,
+            momentum_into_precond_update=momentum_into_precond_update, precond_lr=precond_lr,
+            precond_init_scale=precond_init_scale, merge_dims=merge_dims, mu_dtype=mu_dtype,
+            precond_dtype=precond_dtype, geometry=geometry, max_skew=max_skew, damping=damping,
+            lipschitz=lipschitz, beta_L=beta_L, precond_budget=precond_budget,
+        )  # fmt: skip
+        check_group(defaults)
+        self._group_keys = tuple(defaults)  # Kron's per-group settings
+        self.mode, self.hvp, self.seed, self.nonfinite = mode, hvp, seed, nonfinite
+        self.precond_cache, self.kernel, self.compile = precond_cache, kernel, compile
+        self.distributed, self.process_group, self.dtensor = distributed, process_group, dtensor
+        self._owner: dict[Tensor, int] = {}  # p -> owner rank (distributed="shard")
+        self._layout_checked, self._has_dtensor = False, None
+        self._cache: dict = {}  # P_i kept between steps (not in state_dict)
+        self._counters: list[int] = []
+        self._draw_counts: list[int] = []  # per parameter: preconditioner updates drawn for
+        self._plans: dict[int, tuple[tuple, KronPlan, tuple]] = {}
+        self._warned: set[str] = set()
+        super().__init__(params, defaults)
+        self._prob_step = 0  # step() calls so far: the schedule's n
+        self._rng = random.Random(seed)  # balancing decisions, as kron-torch's Random(42)
+        self._streams = Streams(seed)
+        self._nonfinite = LazyCount()
+        self._step_fn = stacked_step
+        if compile:
+            self._step_fn = torch.compile(stacked_step, fullgraph=True, dynamic=False)
+
+    # ------------------------------------------------------------------ groups and structure
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            check_group(group)
+            for p in group["params"]:
+                check_param(p, group)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        self._counters.append(0)
+        self._draw_counts += [0] * len(group["params"])
+        self._layout_checked, self._has_dtensor = False, None  # compared again at the next step
+        memory.warn(self, len(self.param_groups) - 1)
+
+    def _shape(self, p: Tensor) -> tuple[int, ...]:
+        """The shape Kron preconditions: ``p``'s, or its local shard's with ``dtensor="local"``."""
+        if self.dtensor == "local" and dist_.is_dtensor(p):
+            return tuple(p.to_local().shape)
+        return tuple(p.shape)
+
+    def _precond_dtype(self, group: dict, p: Tensor) -> torch.dtype:
+        return precond_dtype(group, p)
+
+    def _structure(self, p: Tensor, group: dict, budget_dims: bool = False):
+        return memory.structure(self, p, group, budget_dims)
+
+    def _plans_now(self, todo: list) -> dict:
+        """``p -> plan`` for this step's parameters (each group's settings read once)."""
+        keys = {gi: memory.group_key(self.param_groups[gi]) for gi in {t[1] for t in todo}}
+        return {p: memory.structure(self, p, self.param_groups[gi], gkey=keys[gi])
+                for p, gi, *_ in todo}  # fmt: skip
+
+    def describe(self) -> list[ParamInfo]:
+        """Per parameter: its factor shapes, which dims are diagonal (and which ``precond_budget``
+        made so), and the bytes of momentum, factors and cache. Valid before any step."""
+        return memory.describe(self)
+
+    def _owners(self) -> dict[Tensor, int]:
+        return placement.owners(self)
+
+    @property
+    def nonfinite_count(self) -> int:
+        """Parameter-steps skipped for a non-finite gradient (reading it syncs the device)."""
+        return self._nonfinite.value()
+
+    @nonfinite_count.setter
+    def nonfinite_count(self, n: int) -> None:
+        self._nonfinite.set(n)
+
+    # ------------------------------------------------------------------ the step
+    @torch.compiler.disable  # a compiled training step calls it eagerly (compile=True compiles
+    @torch.no_grad()  # the grouped kernel itself)
+    def step(self, closure: Callable | None = None):
+        """One optimisation step. ``closure`` re-evaluates the model and returns the loss; in
+        whitening mode it calls ``backward()`` (and usually ``zero_grad()``) and runs first, so
+        the step sees the gradients it made; in Newton mode it must not call ``backward()``."""
+        placement.check_layout(self)  # before the closure: Newton mode all-reduces inside it
+        loss = None if self.mode == "newton" else newton.call_closure(closure)
+        decisions = [self._decide(gi, g) for gi, g in enumerate(self.param_groups)]
+        todo = self._todo(decisions)
+        plans = self._plans_now(todo)
+        counts = list(self._draw_counts)
+        draws = self._draw(todo, counts, plans)
+        hvs: dict = {}
+        if self.mode == "newton":
+            probes = {p: d.v.reshape(p.shape).to(p.dtype) for p, d in draws.items()}
+            loss, hvs = newton.pairs(self, closure, [t[0] for t in todo], probes)
+        finite = placement.screen(self, todo, hvs)
+        grads = {p: self._grad(p) for p, *_ in todo}  # FSDP2: a collective, in order on all ranks
+        self._counters = [counter for _, counter, _ in decisions]  # nothing raised: commit
+        self._prob_step += 1
+        self._draw_counts = counts
+        balance = self._rng.random() < 0.01  # drawn every step, as kron-torch does
+        self._run(todo, plans, grads, draws, hvs, finite, balance)
+        if self._nonfinite.new_since_poll() and "nonfinite" not in self._warned:
+            self._warned.add("nonfinite")
+            warnings.warn(
+                "Kron: a gradient had NaN/Inf values; that parameter's step was skipped "
+                "(parameter, momentum and preconditioner untouched). Further skips are counted "
+                "in optimizer.nonfinite_count without warning.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return loss
+
+    def _decide(self, gi: int, group: dict) -> tuple[bool, int, float]:
+        """The group's deterministic update decision, its next counter and ``prob(n)``: update
+        when ``counter + 1 >= 1/prob(n)`` (MATH.md §5). kron-torch's arithmetic: a callable gets
+        ``n`` as a float32 tensor, and a tensor probability is inverted in its own dtype (a CPU
+        tensor: no device sync; a schedule returning a device tensor costs one)."""
+        prob = group["preconditioner_update_probability"]
+        if callable(prob):
+            prob = prob(torch.tensor(self._prob_step, dtype=torch.float32))
+        value = float(prob)
+        if not 0 < value <= 1:
+            raise ValueError(
+                f"preconditioner_update_probability must be in (0, 1]; the schedule gave "
+                f"{value!r} at step {self._prob_step}"
+            )
+        inverse = float(1 / prob) if isinstance(prob, Tensor) else 1 / value
+        counter = self._counters[gi] + 1
+        return (True, 0, value) if counter >= inverse else (False, counter, value)
+
+    def _todo(self, decisions: list) -> list[tuple[Tensor, int, bool, float]]:
+        """``(p, group index, do_update, prob)`` of every parameter that steps now."""
+        out = []
+        for gi, (group, (do, _, prob)) in enumerate(zip(self.param_groups, decisions)):
+            for p in group["params"]:
+                ready = p.requires_grad if self.mode == "newton" else p.grad is not None
+                if p.numel() > 0 and ready:
+                    if p.grad is not None and p.grad.is_sparse:
+                        raise RuntimeError("Kron does not support sparse gradients")
+                    out.append((p, gi, do, prob))
+        return out
+
+    def _index(self, p: Tensor) -> int:
+        if getattr(self, "_pos_of", None) is None or len(self._pos_of) != len(self._draw_counts):
+            flat = (q for g in self.param_groups for q in g["params"])
+            self._pos_of = {id(q): i for i, q in enumerate(flat)}
+        return self._pos_of[id(p)]
+
+    def _draw(self, todo: list, counts: list[int], plans: dict) -> dict:
+        """Each updating parameter's draws from its own stream (every parameter in Newton mode,
+        whose ``v`` every rank needs; only the owned ones in whitening)."""
+        own, rank = self._owners(), dist_.rank_and_size(self.process_group)[0]
+        out, hypers = {}, {}
+        for p, gi, do, _ in todo:
+            if not do:
+                continue
+            i, group = self._index(p), self.param_groups[gi]
+            if self.mode == "newton" or own.get(p, rank) == rank:
+                if gi not in hypers:
+                    hypers[gi] = Hyper.of(group, self.mode == "newton")
+                hy, plan = hypers[gi], plans[p]
+                out[p] = self._streams.draws(
+                    i, counts[i], plan, hy.geometry.starts(plan, hy.norm_bound),
+                    probe=True, noise=not isinstance(hy.damping, str) and hy.damping > 0,
+                    dtype=precond_dtype(group, p), device=self._grad_device(p),
+                )  # fmt: skip
+            counts[i] += 1
+        return out
+
+    def _grad_device(self, p: Tensor) -> torch.device:
+        return p.to_local().device if dist_.is_dtensor(p) else p.device
+
+    def _grad(self, p: Tensor) -> Tensor:
+        """The gradient Kron uses: ``p.grad``, gathered or local for a DTensor."""
+        if dist_.is_dtensor(p.grad):
+            return p.grad.to_local() if self.dtensor == "local" else p.grad.full_tensor()
+        return p.grad
+
+    def _init_state(self, p: Tensor, group: dict, plan: KronPlan) -> dict:
+        dev, scale = self._grad_device(p), group["precond_init_scale"]
+        fits_p = Hyper.of(group, False).geometry.fits_p
+        st = {
+            "step": torch.zeros((), dtype=torch.int64, device=dev),
+            "momentum_buffer": torch.zeros(self._shape(p), dtype=mu_dtype(group, p), device=dev),
+            "Q": factors.init_factors(
+                plan, 1.0 if scale is None else scale, precond_dtype(group, p), dev, fits_p
+            ),  # fmt: skip
+        }
+        if group["lipschitz"] == "ema":
+            real = torch.promote_types(st["Q"][0].real.dtype, torch.float32)
+            st["L"] = [torch.zeros((), dtype=real, device=dev) for _ in st["Q"]]
+        if scale is None:
+            st["initialised"] = torch.zeros((), dtype=torch.bool, device=dev)
+        return st
+
+    def _run(self, todo, plans, grads, draws, hvs, finite, balance) -> None:
+        """One kernel per group over the parameters this rank owns; results to the placement."""
+        own = self._owners()
+        rank = dist_.rank_and_size(self.process_group)[0] if own else 0
+        kernel = grouped_step if self.kernel == "grouped" else single_step
+        extra = {"step_fn": self._step_fn} if self.kernel == "grouped" else {}
+        stepped, owned = [], {}
+        for gi, group in enumerate(self.param_groups):
+            mine = [t for t in todo if t[1] == gi and grads[t[0]].numel() > 0]
+            if finite is not None:
+                skipped = [t for t in mine if not finite[t[0]]]
+                mine = [t for t in mine if finite[t[0]]]
+                self._nonfinite.add(torch.ones(len(skipped), dtype=torch.bool))
+            stepped += [(p, group) for p, *_ in mine]
+            items = []
+            for p, *_ in mine:
+                if own.get(p, rank) != rank:
+                    continue
+                plan = plans[p]
+                if len(self.state[p]) == 0:
+                    self.state[p].update(self._init_state(p, group, plan))
+                hv = hvs.get(p)
+                items.append(Item(p, grads[p], self.state[p], plan, draws.get(p), hv))
+            if not items:
+                continue
+            do, prob = mine[0][2], mine[0][3]
+            hy = Hyper.of(group, self.mode == "newton")
+            cache = self._cache if self.precond_cache else {}
+            results = kernel(items, hy, do_update=do, prob=prob if self.precond_cache else None,
+                             balance=balance, cache=cache, **extra)  # fmt: skip
+            if finite is None:
+                self._nonfinite.add(~torch.stack([ok for _, ok in results]))
+            done = [(it.p, u, ok) for it, (u, ok) in zip(items, results)]
+            if own:
+                owned.update({p: (u, ok) for p, u, ok in done if placement.whole(self, p)})
+                done = [d for d in done if not placement.whole(self, d[0])]
+            placement.apply(self, group, done)
+        if own:
+            placement.exchange(self, owned, stepped, rank)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """The whole state, also under ``distributed="shard"`` (then a collective: every rank
+        must call it; the owners' states are gathered to the CPU of every rank)."""
+        return checkpoint.state_dict(self, super().state_dict())
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        checkpoint.load_state_dict(self, state_dict, super().load_state_dict)

@@ -1,0 +1,190 @@
+"""The grouped kernel equals the single-tensor reference; geometries are records; no host syncs.
+
+One battery over every registered geometry (the seven built-in ones and ``EQ-full``, defined in
+this file alone as one record) × both modes × dtypes, on a mixed group (a scalar, vectors, equal
+matrices that stack, a merged conv weight, a tensor whose gradient is sometimes missing, one
+with non-finite or all-zero gradients at some steps): 50 steps with update and apply-only steps,
+parameters and every piece of state compared after each step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from psgd_lab import Kron, geometry
+from psgd_lab.factors import is_dense
+
+
+def update_eq_full(Q, L, v, h, *, lr, lipschitz, beta_L, norm_bound, starts) -> None:
+    """``dQ = E Q`` with a full (not triangular) ``E``, ``T1 = gram_i(Ph, Ph)``: a rule written
+    with the public helpers, to show that a geometry is one record."""
+    for i, q, T1, T2 in geometry.terms(Q, v, h, fits_p=False):
+        s = geometry.step_size(T1, T2, L[i], q, lr, lipschitz, beta_L, norm_bound, starts[i])
+        E = geometry.difference(T1, T2)
+        q.sub_(s * (E @ q if is_dense(q) else E * q))
+
+
+geometry.register(geometry.Geometry("EQ-full", update_eq_full, summary="dQ = E Q, E full"))
+NAMES = list(geometry.REGISTRY)
+SHAPES = [(), (7,), (7,), (5, 6), (5, 6), (5, 6), (4, 3, 2, 2), (9, 4)]
+MISSING, POISONED = 7, 4  # (9, 4) loses its gradient at some steps; a (5, 6) gets NaN/Inf/zeros
+
+
+def _poison(t: int, g: torch.Tensor) -> torch.Tensor:
+    return [g * math.nan, g * math.inf, g * 0, g][t % 4]
+
+
+def _run(kernel, geometry_name, mode, dtype, steps=50):
+    gen = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in SHAPES]
+    weights = [torch.rand(s, generator=gen, dtype=dtype) + 0.5 for s in SHAPES]
+    opt = Kron(ps, lr=1e-2, weight_decay=1e-2, geometry=geometry_name, mode=mode,
+               kernel=kernel, precond_dtype=torch.float64 if dtype == torch.float64 else None,
+               preconditioner_update_probability=lambda n: 1.0 if n < 20 else 0.3)  # fmt: skip
+    history = []
+    for t in range(steps):
+        if mode == "newton":
+            opt.zero_grad()
+            opt.step(lambda: sum(((w * p) ** 2).sum() + (w * p).sin().sum() for w, p in
+                                 zip(weights, ps)))  # fmt: skip
+        else:
+            for i, p in enumerate(ps):
+                g = torch.randn(p.shape, generator=gen, dtype=dtype)
+                p.grad = None if i == MISSING and t % 5 == 2 else g
+            ps[POISONED].grad = _poison(t, ps[POISONED].grad) if t % 7 == 3 else ps[POISONED].grad
+            opt.step()
+        history.append([p.detach().clone() for p in ps])
+    return history, opt
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", ["whiten", "newton"])
+@pytest.mark.parametrize("name", NAMES)
+def test_grouped_kernel_equals_the_single_tensor_reference(name, mode, dtype):
+    """Parameters after every one of 50 steps and the final state are bit-identical on one
+    thread (measured: every case here). With more threads a batched product may split its work
+    differently from one matrix's product; there they agree to round-off (2e-6 relative in
+    float32 was the largest seen with 2 threads)."""
+    with _threads(1):
+        single, opt_s = _run("single", name, mode, dtype)
+        grouped, opt_g = _run("grouped", name, mode, dtype)
+    for t, (a, b) in enumerate(zip(single, grouped)):
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert torch.equal(x, y), f"step {t}, parameter {i}: {(x - y).abs().max().item():.2e}"
+    for p_s, p_g in zip(opt_s.param_groups[0]["params"], opt_g.param_groups[0]["params"]):
+        s, g = opt_s.state[p_s], opt_g.state[p_g]
+        assert torch.equal(s["step"], g["step"])
+        assert torch.equal(g["momentum_buffer"], s["momentum_buffer"])
+        assert all(torch.equal(qg, qs) for qs, qg in zip(s["Q"], g["Q"]))
+    # poisoned at steps 17 (Inf), 24 (NaN) and 45 (Inf); all-zero at 10 and 38 (fit skipped)
+    assert opt_s.nonfinite_count == opt_g.nonfinite_count == (0 if mode == "newton" else 3)
+
+
+class _threads:
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.old = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.old)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_registered_geometry_trains(name):
+    """On a rotated, ill-conditioned quadratic (cond 1e3) every record trains, both modes."""
+    from psgd_lab.problems import kron_quadratic
+
+    loss_fn, X0 = kron_quadratic(n=6, cond=1e3)
+    for mode in ("whiten", "newton"):
+        X = torch.nn.Parameter(X0.float())
+        opt = Kron([X], lr=0.05, geometry=name, mode=mode, preconditioner_update_probability=1.0)
+        for _ in range(150):
+            opt.zero_grad()
+            if mode == "newton":
+                opt.step(lambda X=X: loss_fn(X))
+            else:
+                loss_fn(X).backward()
+                opt.step()
+        assert loss_fn(X).item() < 0.05 * loss_fn(X0).item(), (name, mode)
+
+
+def test_a_geometry_name_that_is_not_registered_is_refused_with_the_names():
+    with pytest.raises(ValueError, match="'EQ', 'QEQ'.*'EQ-full'"):
+        Kron([torch.nn.Parameter(torch.zeros(2))], geometry="nope")
+
+
+class _HostReads(TorchDispatchMode):
+    """Records every read of a tensor's value by the host (``item``, ``bool``, ``float``...:
+    ``aten._local_scalar_dense``), the op that would wait for an accelerator."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            import traceback
+
+            self.reads.append("".join(traceback.format_stack(limit=12)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("prob", [1.0, 0.3])
+def test_a_default_step_reads_nothing_back_from_the_device(prob):
+    """With the defaults (a constant update probability), a step never reads a tensor's value on
+    the host, NaN gradients included: non-finite tensors are masked on the device. The reads
+    allowed are CPU-only shortcuts, where a host read waits for no device: the skipped-step
+    count (on an accelerator a non-blocking copy read a step later) and ``kernels._known``,
+    which skips the masking work when every tensor is finite (on an accelerator it returns
+    None without reading; ``tests/test_cuda.py`` runs this under CUDA's sync checker)."""
+    gen = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(6, 5), (6, 5), (7,), ()]]
+    opt = Kron(ps, preconditioner_update_probability=prob)
+    for t in range(6):
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen) * (math.nan if t == 3 else 1.0)
+        with _HostReads() as mode:
+            opt.step()
+        unexpected = [r for r in mode.reads if "new_since_poll" not in r and "_known" not in r]
+        assert not unexpected, unexpected[0]
+
+
+def test_the_default_schedule_is_read_without_a_device_sync():
+    """The default schedule returns a CPU float32 tensor (kron-torch's arithmetic); reading it is
+    the only other host read, and it never touches the parameters' device."""
+    ps = [torch.nn.Parameter(torch.randn(4, 3))]
+    opt = Kron(ps)
+    ps[0].grad = torch.ones(4, 3)
+    with _HostReads() as mode:
+        opt.step()
+    other = [
+        r for r in mode.reads if not any(k in r for k in ("new_since_poll", "_known", "_decide"))
+    ]
+    assert not other and any("_decide" in r for r in mode.reads)
+
+
+@pytest.mark.slow
+def test_compiled_grouped_kernel_matches_eager():
+    """``Kron(compile=True)`` compiles the grouped kernel with ``fullgraph=True`` (a graph break
+    inside the maths would raise) and gives the eager result to float32 round-off."""
+
+    def run(compile_):
+        gen = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(6, 5), (6, 5), (7,)]]
+        opt = Kron(ps, lr=1e-2, compile=compile_,
+                   preconditioner_update_probability=lambda n: 1.0 if n < 3 else 0.5)  # fmt: skip
+        for _ in range(6):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return torch.cat([p.detach().reshape(-1) for p in ps])
+
+    torch._dynamo.reset()
+    torch.testing.assert_close(run(True), run(False), rtol=1e-5, atol=1e-6)
