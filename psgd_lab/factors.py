@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .linalg import self_gram, solve_triangular_lowp, triu_gram, triu_mm
+from .linalg import narrow_mm, self_gram, solve_triangular_lowp, triu_gram, triu_mm
 from .structure import KronPlan
 
 MAX_MATRIX_SIZE = 4096
@@ -87,7 +87,7 @@ def apply_one(q: Tensor, i: int, X: Tensor) -> Tensor:
         return X * _bcast(q, i, X)
     B, a, d, b = _axes(X, i)
     if a == 1:
-        return (q @ X.reshape(B, d, b)).reshape(X.shape)
+        return narrow_mm(q, X.reshape(B, d, b)).reshape(X.shape)
     if b == 1:
         return (X.reshape(B, a, d) @ q.mT).reshape(X.shape)
     return torch.einsum("bij,bajc->baic", q, X.reshape(B, a, d, b)).reshape(X.shape)
@@ -159,7 +159,7 @@ def gram_self(i: int, X: Tensor, dense: bool = True) -> Tensor:
     if not dense or X.dim() == 1:
         return gram_diag(i, X, X)
     B, a, d, b = _axes(X, i)
-    if d <= 256 or 2 * a * b < d * d:
+    if d <= 256 or 2 * a * b < d:
         # a thin unfolding (fewer columns than d / 2) makes the product memory-bound: the
         # block splitting would only add copies of the d x d result
         return gram(i, X, X)

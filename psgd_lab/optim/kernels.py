@@ -27,7 +27,7 @@ from ..pairs import Draws
 from ..structure import KronPlan
 from .config import Hyper
 
-CHUNK_BYTES = 32 * 2**20  # at most this much gradient per stack (or one larger tensor)
+CHUNK_BYTES = 32 * 2**20  # at most this much gradient and factors per stack (or one tensor)
 
 
 @dataclass
@@ -244,12 +244,13 @@ def _stats(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def chunks(items: Sequence[Item], cap: int = CHUNK_BYTES) -> list[list[Item]]:
     """Items grouped by ``Item.key`` (in first-seen order), each group split so a stack holds at
-    most ``cap`` bytes of gradient (or one tensor)."""
+    most ``cap`` bytes of gradient and factors (or one tensor): stacking copies the factors, and a
+    copy of a few 4096 x 4096 factors costs more than the products it batches."""
     groups: dict[tuple, list[tuple[int, list[Item]]]] = {}
     for it in items:
         parts = groups.setdefault(it.key(), [(0, [])])
         size, part = parts[-1]
-        nbytes = it.grad.nbytes
+        nbytes = it.grad.nbytes + sum(q.nbytes for q in it.state["Q"])
         if part and size + nbytes > cap:
             parts.append((0, []))
             size, part = parts[-1]
