@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .linalg import narrow_mm, self_gram, solve_triangular_lowp, triu_gram, triu_mm
+from .linalg import narrow_mm, self_gram, solve_triangular_lowp, triu_gram, triu_h_mm, triu_mm
 from .structure import KronPlan
 
 MAX_MATRIX_SIZE = 4096
@@ -91,6 +91,18 @@ def apply_one(q: Tensor, i: int, X: Tensor) -> Tensor:
     if b == 1:
         return (X.reshape(B, a, d) @ q.mT).reshape(X.shape)
     return torch.einsum("bij,bajc->baic", q, X.reshape(B, a, d, b)).reshape(X.shape)
+
+
+def apply_p_one_triangular(q: Tensor, i: int, X: Tensor) -> Tensor:
+    """``Q_iᴴ (Q_i X)`` along axis ``i`` for an upper-triangular dense ``q`` (``EQ``), reading
+    only its upper blocks: a matrix-vector-like product is memory-bound, and this halves the
+    bytes read. Axis ``i`` must be the first or the last of the tensor (the 1- and 2-D cases)."""
+    B, a, d, b = _axes(X, i)
+    if a == 1:
+        Y = X.reshape(B, d, b)
+        return triu_h_mm(q, triu_mm(q, Y)).reshape(X.shape)
+    Y = X.reshape(B, a, d).mT  # (B, d, a): the rows of X as columns
+    return triu_h_mm(q, triu_mm(q, Y)).mT.reshape(X.shape)
 
 
 def adjoint(q: Tensor) -> Tensor:

@@ -143,3 +143,14 @@ def test_stacked_p_factors_apply_p():
     for tri in (True, False):
         P = [factors.factor_p_compact(q, triangular=tri) for q in Q]
         torch.testing.assert_close(factors.apply_q(P, X), factors.apply_p(Q, X))
+
+
+@pytest.mark.parametrize("shape,i", [((600, 1), 0), ((2, 600), 1), ((600, 70), 0)])
+def test_triangular_apply_p_equals_dense(shape, i):
+    """The apply path that reads only the upper blocks of an EQ factor equals Qᴴ(Q X)."""
+    gen = torch.Generator().manual_seed(0)
+    d = shape[i]
+    q = torch.randn(3, d, d, generator=gen, dtype=torch.float64).triu()
+    X = torch.randn(3, *shape, generator=gen, dtype=torch.float64)
+    want = factors.apply_one(factors.adjoint(q), i, factors.apply_one(q, i, X))
+    torch.testing.assert_close(factors.apply_p_one_triangular(q, i, X), want)

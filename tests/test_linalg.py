@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from psgd_lab import linalg
 from psgd_lab.linalg import (
     hermitian_defect,
     norm_lower_bound,
@@ -155,3 +156,15 @@ def test_triangular_products_equal_dense_products(d, dtype):
     torch.testing.assert_close(triu_gram(A2), A2.mH @ A2, **tol)
     torch.testing.assert_close(triu_mm(A2, X2), A2 @ X2, **tol)
     torch.testing.assert_close(self_gram(X2), X2 @ X2.mH, **tol)
+
+
+@pytest.mark.parametrize("d,m", [(7, 1), (300, 1), (600, 3), (600, 80), (1100, 2)])
+def test_triangular_products_equal_dense(d, m):
+    """triu_mm and triu_h_mm (block recursion, narrow products as rows times a matrix) equal the
+    dense products on stacks."""
+    gen = torch.Generator().manual_seed(d)
+    U = torch.randn(2, d, d, generator=gen, dtype=torch.float64).triu()
+    X = torch.randn(2, d, m, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(linalg.triu_mm(U, X), U @ X)
+    torch.testing.assert_close(linalg.triu_h_mm(U, X), U.mT @ X)
+    torch.testing.assert_close(linalg.narrow_mm(U, X), U @ X)
