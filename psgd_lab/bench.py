@@ -266,7 +266,7 @@ def run(
                 res.cache_bytes = _cache_bytes(opt)
                 with contextlib.redirect_stdout(io.StringIO()):
                     try:
-                        res.flops = _flops_of_step(opt, prob)
+                        res.flops = _count_flops(opt.step)  # one more step
                     except Exception as exc:
                         res.note = f"flops not counted: {type(exc).__name__}"
                 results.append(res)
@@ -297,11 +297,6 @@ def _cache_bytes(opt) -> int:
     return sum(_tensor_bytes(v) for v in cache.values()) if cache else 0
 
 
-def _flops_of_step(opt, prob: float) -> float:
-    """FLOPs of one more step counted by torch's FlopCounterMode (matmul-type ops only)."""
-    return _count_flops(opt.step)
-
-
 def table(report: dict) -> str:
     """Markdown table: median and spread, ratios to AdamW and to kron-torch, bytes, FLOPs."""
     rows = report["results"]
@@ -326,13 +321,14 @@ def table(report: dict) -> str:
         x_kt = med / kt["median_ms"] if kt and not kt["note"].startswith("failed") else math.nan
         gflop = r["flops"] / 1e9
         frac = gflop / (med / 1e3) / peak * 100 if med > 0 else math.nan
+        fl = ("-", "-") if r["note"] else (f"{gflop:.2f}", f"{frac:.0f}")  # note: not counted
         lines.append(
             f"| {r['params']} | {r['optimizer']} | {_p(r['prob'])} | {med:.1f} ± "
             f"{r['spread_ms']:.1f} | {x_adam:.1f} | {_x(x_kt)} | {r['state_bytes'] / 2**20:.1f} | "
-            f"{r['cache_bytes'] / 2**20:.1f} | {gflop:.2f} | {frac:.0f} |"
+            f"{r['cache_bytes'] / 2**20:.1f} | {fl[0]} | {fl[1]} |"
         )
     m = report["machine"]
-    lines.append("")
+    lines += [""]
     lines.append(
         f"torch {m['torch']}, {m['threads']} threads, {m['processor']}; measured matmul peak "
         f"{m['matmul_gflops']:.0f} GFLOP/s; {report['repeats']} timed steps each, round-robin."
