@@ -188,3 +188,32 @@ def test_compiled_grouped_kernel_matches_eager():
 
     torch._dynamo.reset()
     torch.testing.assert_close(run(True), run(False), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_structure", [True, False])
+def test_compiled_kernel_survives_many_structures(per_structure):
+    """A model with more structures than dynamo's recompile limit (8): each structure compiles
+    apart (``CompiledSteps``); one shared compiled function fails with ``fullgraph=True`` there.
+    The eager backend keeps this fast: the graphs are traced, not code-generated."""
+    from psgd_lab.optim.kernels import CompiledSteps, stacked_step
+
+    gen = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(3 + i, 4, generator=gen)) for i in range(10)]
+    opt = Kron(ps, lr=1e-2, compile=True, preconditioner_update_probability=1.0)
+    kw = dict(backend="eager", fullgraph=True, dynamic=False)
+    opt._step_fn = CompiledSteps(**kw) if per_structure else torch.compile(stacked_step, **kw)
+    torch._dynamo.reset()
+
+    def steps():
+        for _ in range(2):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+
+    if per_structure:
+        steps()
+        assert len(opt._step_fn.fns) == 10
+    else:  # the failure CompiledSteps exists for
+        with pytest.raises(Exception) as err:
+            steps()
+        assert type(err.value).__name__ == "FailOnRecompileLimitHit"

@@ -15,6 +15,7 @@ flag ``ok`` (False: non-finite, skipped), to be applied as ``θ ← θ·(1 − l
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -276,6 +277,26 @@ def _stack(xs: list[Tensor]) -> Tensor:
     return xs[0].unsqueeze(0) if len(xs) == 1 else torch.stack(xs)
 
 
+class CompiledSteps:
+    """``stacked_step`` compiled once per stack structure (``Item.key``). Each structure gets its
+    own copy of the function's code object, so dynamo caches it apart: with one shared code
+    object a model with more than a few structures (a ResNet has dozens) hits dynamo's recompile
+    limit of 8 and ``fullgraph=True`` turns that into an error."""
+
+    def __init__(self, **compile_kw):
+        self.kw, self.fns = compile_kw, {}
+
+    def __call__(self, key: tuple):
+        if key not in self.fns:
+            f = stacked_step
+            code = f.__code__.replace(co_name=f"stacked_step_{len(self.fns)}")
+            copy = types.FunctionType(code, f.__globals__, code.co_name, f.__defaults__,
+                                      f.__closure__)  # fmt: skip
+            copy.__kwdefaults__ = f.__kwdefaults__
+            self.fns[key] = torch.compile(copy, **self.kw)
+        return self.fns[key]
+
+
 def grouped_step(items: Sequence[Item], hy: Hyper, *, do_update: bool, prob: float | None,
                  balance: bool, cache: dict, step_fn=stacked_step) -> list:  # fmt: skip
     """The grouped kernel: one ``stacked_step`` per chunk of equal-structured tensors; results
@@ -298,7 +319,8 @@ def grouped_step(items: Sequence[Item], hy: Hyper, *, do_update: bool, prob: flo
             hv = tuple(torch.stack([it.hv[j].reshape(fshape) for it in part]) for j in (0, 1))
         draws = Draws.stack([it.draws for it in part]) if do_update else None
         moms = [st["momentum_buffer"].view(fshape) for st in sts]
-        M, steps, Q, L, init, U, ok, kept = step_fn(
+        fn = step_fn(part[0].key()) if isinstance(step_fn, CompiledSteps) else step_fn
+        M, steps, Q, L, init, U, ok, kept = fn(
             _stack([it.grad.reshape(fshape) for it in part]), _stack(moms),
             _stack([st["step"] for st in sts]), Q0, L0, init, hv, draws, hy=hy,
             pd=sts[0]["Q"][0].dtype, do_update=do_update, balance=balance, keep=keep,

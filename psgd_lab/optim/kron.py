@@ -22,7 +22,7 @@ from ..schedules import precond_update_prob_schedule
 from ..structure import KronPlan
 from . import checkpoint, memory, newton, placement
 from .config import Hyper, check_group, check_options, check_param, mu_dtype, precond_dtype
-from .kernels import Item, grouped_step, single_step, stacked_step
+from .kernels import CompiledSteps, Item, grouped_step, single_step, stacked_step
 from .memory import ParamInfo
 from .streams import LazyCount, Streams
 
@@ -131,7 +131,7 @@ class Kron(torch.optim.Optimizer):
         self._nonfinite = LazyCount()
         self._step_fn = stacked_step
         if compile:
-            self._step_fn = torch.compile(stacked_step, fullgraph=True, dynamic=False)
+            self._step_fn = CompiledSteps(fullgraph=True, dynamic=False)
 
     # ------------------------------------------------------------------ groups and structure
     def add_param_group(self, param_group: dict) -> None:
