@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -83,8 +85,20 @@ def warn(opt, gi: int) -> None:
             "its largest factors diagonal until they fit in 4x its size; max_skew=1 or "
             "memory_save_mode='one_diag' also shrink them",
             UserWarning,
-            stacklevel=4,
+            stacklevel=_caller_level(),
         )
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside psgd_lab and torch.optim: the user's
+    ``Kron(...)`` or ``add_param_group`` line, wherever the warning is raised from."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and any(k in frame.f_code.co_filename for k in _OWN):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+_OWN = (os.path.join("psgd_lab", ""), os.path.join("torch", "optim", ""))
 
 
 def describe(opt) -> list[ParamInfo]:
