@@ -1,29 +1,34 @@
 """psgd_lab: PSGD Kron preconditioner primitives, a drop-in ``Kron`` optimiser, and a lab.
 
-Public API: ``Kron`` (the optimiser), ``precond_update_prob_schedule``, ``KronPreconditioner``,
+Public API: ``Kron`` (the optimiser), ``precond_update_prob_schedule``, the preconditioners
+``KronPreconditioner``, ``DensePreconditioner`` and ``LRAPreconditioner`` (module ``lra``),
 ``GEOMETRIES`` and the primitive modules ``structure``, ``factors``, ``linalg``, ``geometry``,
 ``pairs``, ``schedules``, ``distributed`` (what ``Kron`` uses from ``torch.distributed``) and
 ``notebook`` (the deterministic set-up and machine-independent checks the notebooks share).
 """
 
-from . import distributed, factors, geometry, linalg, notebook, pairs, schedules, structure
+from . import distributed, factors, geometry, linalg, lra, notebook, pairs, schedules, structure
 from .geometry import GEOMETRIES
+from .lra import LRAPreconditioner
 from .optim import Kron, ParamInfo
-from .preconditioner import KronPreconditioner
+from .preconditioner import DensePreconditioner, KronPreconditioner
 from .schedules import UpdateProbSchedule, precond_update_prob_schedule
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GEOMETRIES",
+    "DensePreconditioner",
     "Kron",
     "KronPreconditioner",
+    "LRAPreconditioner",
     "distributed",
     "ParamInfo",
     "UpdateProbSchedule",
     "factors",
     "geometry",
     "linalg",
+    "lra",
     "notebook",
     "pairs",
     "precond_update_prob_schedule",

@@ -43,7 +43,8 @@ class KronPreconditioner:
             data-driven scale of MATH.md §4 at the first ``update``.
         max_size_triangular, min_ndim_triangular, memory_save_mode, max_skew: which dims get
             diagonal factors (MATH.md §4, ``psgd_lab.structure.diag_dims``).
-        merge_dims: precondition ``ndim > 2`` tensors as kron-torch's merged 2-D shape.
+        merge_dims: precondition ``ndim > 2`` tensors as kron-torch's merged 2-D shape; ``"flat"``:
+            as one vector of ``numel`` entries (with ``diag=(False,)``: ``DensePreconditioner``).
         lipschitz: ``"kron"`` (``L = ℓ``) or ``"ema"`` (``L <- max(β L + (1-β) ℓ, ℓ)``).
         beta_L: the EMA factor for ``lipschitz="ema"``.
         damping: noise added to ``h`` before fitting; bounds ``P ≤ I/damping``. 0 disables it.
@@ -61,7 +62,7 @@ class KronPreconditioner:
         min_ndim_triangular: int = 2,
         memory_save_mode: str | None = None,
         max_skew: float = math.inf,
-        merge_dims: bool = False,
+        merge_dims: bool | str = False,
         lipschitz: str = "kron",
         beta_L: float = 0.9,
         damping: float = 1e-9,
@@ -81,7 +82,10 @@ class KronPreconditioner:
         if damping < 0:
             raise ValueError(f"damping must be >= 0; got {damping!r}")
         self.shape = tuple(int(d) for d in shape)
-        self.factor_shape = merged_shape(self.shape) if merge_dims else self.shape
+        if merge_dims == "flat":
+            self.factor_shape = (math.prod(self.shape),)
+        else:
+            self.factor_shape = merged_shape(self.shape) if merge_dims else self.shape
         if diag is None:
             diag = diag_dims(
                 self.factor_shape,
@@ -231,7 +235,7 @@ class KronPreconditioner:
             q.copy_(s)
         for x, s in zip(self.L, state["L"]):
             x.copy_(s)
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())  # map_location may have moved it
         self._initialised = bool(state["initialised"])
         self.num_updates = int(state["num_updates"])
 
@@ -246,3 +250,28 @@ class KronPreconditioner:
 def _real_dtype(dtype: torch.dtype) -> torch.dtype:
     real = torch.empty((), dtype=dtype).real.dtype
     return torch.promote_types(real, torch.float32)
+
+
+class DensePreconditioner(KronPreconditioner):
+    """One dense ``Q`` (``n x n``) over tensors of ``shape`` flattened to ``n = numel``, with every
+    geometry: ``KronPreconditioner`` with a single dense factor (the same rules, not a copy).
+
+    Args: as ``KronPreconditioner`` (``shape``, ``geometry``, ``init_scale``, ``lipschitz``,
+    ``beta_L``, ``damping``, ``dtype``, ``device``, ``seed``); an int ``shape`` means ``(n,)``.
+    Memory is ``n²`` entries: meant for ``n`` up to a few thousand.
+    """
+
+    def __init__(self, shape: int | Sequence[int], geometry: str = "EQ", **kw):
+        for key in ("diag", "merge_dims", "memory_save_mode", "max_skew"):
+            if key in kw:
+                raise TypeError(
+                    f"DensePreconditioner fixes {key}; use KronPreconditioner to set it"
+                )
+        shape = (shape,) if isinstance(shape, int) else shape
+        super().__init__(shape, geometry, merge_dims="flat", diag=(False,), **kw)
+
+    def __repr__(self) -> str:
+        return (
+            f"DensePreconditioner(n={self.factor_shape[0]}, geometry={self.geometry!r}, "
+            f"dtype={self.dtype})"
+        )
