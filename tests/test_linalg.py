@@ -89,7 +89,7 @@ def test_solve_triangular_in_low_precision():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
-def test_every_function_treats_each_matrix_of_a_stack_alone(dtype):
+def test_every_function_treats_each_matrix_of_a_stack_alone(dtype, one_thread):
     """A stack of 5 matrices gives what each matrix gives on its own, to round-off: the batched
     reductions may vectorise in another order (measured: at most 2 ulp in float64)."""
     g = torch.Generator().manual_seed(3)
@@ -97,19 +97,18 @@ def test_every_function_treats_each_matrix_of_a_stack_alone(dtype):
     A = A + A.mH
     A[2] = 0  # a zero matrix in the stack stays harmless
     start = subspace_start(A, g)
-    with _threads(1):
-        pairs = [
-            (norm_lower_bound_power(A), [norm_lower_bound_power(a) for a in A]),
-            (norm_lower_bound(A, "subspace", start),
-             [norm_lower_bound(a, "subspace", s) for a, s in zip(A, start)]),
-            (hermitian_defect(A + 0.1 * A.mT.conj().triu()),
-             [hermitian_defect(a + 0.1 * a.mT.conj().triu()) for a in A]),
-        ]  # fmt: skip
-        B = A + 3 * torch.eye(12, dtype=dtype)
-        stacked = procrustes_step(B.clone() @ torch.linalg.matrix_exp(0.1 * (A - A.mH)))
-        single = [procrustes_step(b.clone() @ torch.linalg.matrix_exp(0.1 * (a - a.mH)))
-                  for a, b in zip(A, B)]  # fmt: skip
-        pairs.append((stacked, single))
+    pairs = [
+        (norm_lower_bound_power(A), [norm_lower_bound_power(a) for a in A]),
+        (norm_lower_bound(A, "subspace", start),
+         [norm_lower_bound(a, "subspace", s) for a, s in zip(A, start)]),
+        (hermitian_defect(A + 0.1 * A.mT.conj().triu()),
+         [hermitian_defect(a + 0.1 * a.mT.conj().triu()) for a in A]),
+    ]  # fmt: skip
+    B = A + 3 * torch.eye(12, dtype=dtype)
+    stacked = procrustes_step(B.clone() @ torch.linalg.matrix_exp(0.1 * (A - A.mH)))
+    single = [procrustes_step(b.clone() @ torch.linalg.matrix_exp(0.1 * (a - a.mH)))
+              for a, b in zip(A, B)]  # fmt: skip
+    pairs.append((stacked, single))
     for batched, each in pairs:
         torch.testing.assert_close(batched, torch.stack(each), rtol=1e-14, atol=1e-14)
 
@@ -123,18 +122,6 @@ def test_procrustes_until_freezes_converged_matrices():
     procrustes_until(S)
     assert torch.equal(S[0], before[0]) and torch.equal(S[2], before[2])
     assert hermitian_defect(S[1]) < 1e-3 < hermitian_defect(before[1])
-
-
-class _threads:
-    def __init__(self, n):
-        self.n = n
-
-    def __enter__(self):
-        self.old = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.old)
 
 
 @pytest.mark.parametrize("d", [1, 5, 256, 257, 600, 1024])
