@@ -1,6 +1,6 @@
 """The Kronecker factors of ``Q``: init, applying ``Q``, ``Qᴴ`` and ``P``, ``gram_i``, balancing.
 
-MATH.md §1 and §4. A *stack* holds ``B`` tensors of one shape ``(d_1, ..., d_k)`` as
+docs/maths.md §1 and §4. A *stack* holds ``B`` tensors of one shape ``(d_1, ..., d_k)`` as
 ``X: (B, d_1, ..., d_k)``, and their factors as a list of ``k`` stacks, one per dim: ``(B, d, d)``
 for a dense factor, ``(B, d)`` for a diagonal one; a scalar's one factor is ``(B,)``. Every
 function here works on stacks (``B = 1`` for one tensor), so one code path serves a single tensor
@@ -35,7 +35,7 @@ def init_factors(
     fits_p: bool = False,
 ) -> list[Tensor]:
     """One tensor's factors (no batch dim) of ``Q = scale · I``: each of the ``k`` factors gets
-    ``scale**(1/k)`` (MATH.md §4); factors of ``P`` itself (``fits_p``: ``PRO4P``, ``QUAD4P``)
+    ``scale**(1/k)`` (docs/maths.md §4); factors of ``P`` itself (``fits_p``: ``PRO4P``, ``QUAD4P``)
     start at ``scale²`` so that ``P`` does too."""
     if fits_p:
         scale = scale * scale
@@ -56,7 +56,8 @@ def _batch_mean(x: Tensor) -> Tensor:
 
 def data_scale(h: Tensor, v: Tensor | None, damping: float, k: int, fits_p: bool) -> Tensor:
     """Per tensor of the stack ``h`` (shape ``(B,)``), what each of the ``k`` factors is multiplied
-    by to take ``Q = I`` to the data-driven scale of MATH.md §4 (squared for factors of ``P``):
+    by to take ``Q = I`` to the data-driven scale of docs/maths.md §4 (squared for factors of
+    ``P``):
     whitening ``(mean|h|⁴ + damping⁴)^(-1/8)``, Newton times ``(mean|v|²)^(1/4)``. Finite even for
     ``h = 0`` (the damping is floored at 1e-30); computed in float64, no host sync."""
     damping = max(damping, 1e-30)
@@ -148,7 +149,7 @@ def apply_q_triangular(Q: Sequence[Tensor], X: Tensor) -> Tensor:
 
 def gram(i: int, X: Tensor, Y: Tensor) -> Tensor:
     """``gram_i(X, Y)`` per tensor of the stacks: contract ``X`` and ``conj(Y)`` over every axis
-    but ``i`` (MATH.md §1); ``(B, d, d)``, or ``(B, d)`` with ``diag`` (only its diagonal)."""
+    but ``i`` (docs/maths.md §1); ``(B, d, d)``, or ``(B, d)`` with ``diag`` (only its diagonal)."""
     B, a, d, b = _axes(X, i)
     if a == 1:
         return X.reshape(B, d, b) @ Y.reshape(B, d, b).mH

@@ -1,4 +1,5 @@
-"""The Lie-group update rules for the Kronecker factors of ``Q`` (MATH.md §3), one record each.
+"""The Lie-group update rules for the Kronecker factors of ``Q`` (docs/maths.md §3), one
+record each.
 
 A ``Geometry`` record holds everything about a rule: the update itself, whether it needs an
 explicit ``v`` in whitening, whether its factors are factors of ``P``, whether its dense factors
@@ -186,8 +187,9 @@ def update_eq(Q, L, v, h, *, lr, lipschitz, beta_L, norm_bound, starts) -> None:
 def update_qeq(Q, L, v, h, *, lr, lipschitz, beta_L, norm_bound, starts) -> None:
     """``dQ = Q E Q``: ``Q_i <- Q_i − lr/L_i · Q_i (T1 − T2)``, ``T1 = gram_i(Ph, Ph)``.
 
-    With ``v`` integrated out ``T2 = c·I`` and ``Q_i T1 − T2 Q_i`` (MATH.md's whitening form) is
-    the same; with an explicit ``v`` we keep ``Q_i (T1 − T2)``, whose generator is Hermitian.
+    With ``v`` integrated out ``T2 = c·I`` and ``Q_i T1 − T2 Q_i`` (docs/maths.md §3's whitening
+    form) is the same; with an explicit ``v`` we keep ``Q_i (T1 − T2)``, whose generator is
+    Hermitian.
     """
     for i, q, T1, T2 in terms(Q, v, h, fits_p=False):
         s = step_size(T1, T2, L[i], q, lr, lipschitz, beta_L, norm_bound, starts[i])

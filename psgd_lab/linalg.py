@@ -94,7 +94,8 @@ def norm_lower_bound(A: Tensor, method: str = "power", start: Tensor | None = No
 
 
 def procrustes_step(Q: Tensor, max_step: float = 0.125) -> Tensor:
-    """One online orthogonal-Procrustes step rotating each ``Q`` toward SPD, in place (MATH.md §3).
+    """One online orthogonal-Procrustes step rotating each ``Q`` toward SPD, in place
+    (docs/maths.md §3).
 
     ``R = Qᴴ − Q`` normalised by its norm bound; ``Q <- Q + a (RQ + a/2 · RRQ)`` with the line
     search ``a = min(−tr(RQ)/tr(RRQ), max_step)`` when ``tr(RRQ) < 0``, else ``max_step``.

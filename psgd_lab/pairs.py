@@ -1,4 +1,4 @@
-"""Where the fitting pair ``(v, h)`` comes from, and its damping (MATH.md §2).
+"""Where the fitting pair ``(v, h)`` comes from, and its damping (docs/maths.md §2).
 
 - whitening: ``h = g`` (gradient or momentum), ``v`` a probe independent of it (or integrated out);
 - Newton: ``v ~ N(0, I)``, ``h = H v`` from autograd (double backward) or finite differences.
@@ -149,7 +149,7 @@ def hvp_finite_difference(
     delta: float | None = None,
     return_v: bool = False,
 ):
-    """``H v ≈ (g(θ + δv) − g(θ)) / δ`` (MATH.md §2), with ``δ = fd_delta(params, vs)`` unless
+    """``H v ≈ (g(θ + δv) − g(θ)) / δ`` (docs/maths.md §2), with ``δ = fd_delta(params, vs)`` unless
     given, in at least float32 (bf16 gradients would cancel to 0).
 
     ``grad_fn()`` returns the gradients at the current ``params``; ``grads`` are those at ``θ``

@@ -40,9 +40,9 @@ class KronPreconditioner:
         shape: the shape of the tensors it preconditions (``()`` for a scalar).
         geometry: the update rule, one of ``psgd_lab.GEOMETRIES``.
         init_scale: ``Q = init_scale · I`` (squared for ``PRO4P``/``QUAD4P``); ``None`` picks the
-            data-driven scale of MATH.md §4 at the first ``update``.
+            data-driven scale of docs/maths.md §4 at the first ``update``.
         max_size_triangular, min_ndim_triangular, memory_save_mode, max_skew: which dims get
-            diagonal factors (MATH.md §4, ``psgd_lab.structure.diag_dims``).
+            diagonal factors (docs/maths.md §4, ``psgd_lab.structure.diag_dims``).
         merge_dims: precondition ``ndim > 2`` tensors as kron-torch's merged 2-D shape; ``"flat"``:
             as one vector of ``numel`` entries (with ``diag=(False,)``: ``DensePreconditioner``).
         lipschitz: ``"kron"`` (``L = ℓ``) or ``"ema"`` (``L <- max(β L + (1-β) ℓ, ℓ)``).

@@ -1,6 +1,6 @@
 """Problems with known answers for tests and notebooks.
 
-- Kronecker-structured SPD Hessians (MATH.md §6): ``kron_problem``, ``hvp``, ``fit_error``;
+- Kronecker-structured SPD Hessians (docs/maths.md §6): ``kron_problem``, ``hvp``, ``fit_error``;
 - an ill-conditioned Kronecker quadratic: ``kron_quadratic``;
 - a small real task: sklearn's bundled digits (``digits``) and an MLP for it (``mlp``).
 """

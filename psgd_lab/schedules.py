@@ -1,4 +1,4 @@
-"""Preconditioner update-probability schedules (MATH.md §5).
+"""Preconditioner update-probability schedules (docs/maths.md §5).
 
 ``prob(n)`` is the probability of updating the preconditioner at step ``n`` (the number of
 ``step()`` calls before this one). ``Kron`` turns it into a deterministic decision with a counter:

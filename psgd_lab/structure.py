@@ -1,6 +1,7 @@
 """Factor structure: which dims get dense vs diagonal factors, dim merging, plans.
 
-MATH.md §4. A plan records one tensor's factor shape and which of its factors are diagonal; any
+docs/maths.md §4. A plan records one tensor's factor shape and which of its factors are diagonal;
+any
 number of dims is allowed.
 """
 
@@ -27,7 +28,8 @@ def _largest_dim(shape: Sequence[int]) -> int:
 
     On ties that expression picks the *last* of the largest dims (numpy's argsort keeps equal
     keys in index order, then the reversal puts the highest index first): ``(256, 256) -> 1``.
-    MATH.md §4 calls it "the first of the largest"; the expression, and so kron-torch, disagree.
+    docs/maths.md §4 calls it "the first of the largest"; the expression, and so kron-torch,
+    disagree.
     """
     biggest = max(shape)
     return max(i for i, d in enumerate(shape) if d == biggest)
@@ -40,7 +42,7 @@ def diag_dims(
     memory_save_mode: str | None = None,
     max_skew: float = math.inf,
 ) -> tuple[bool, ...]:
-    """For each dim of ``shape``, True if its factor is diagonal (MATH.md §4).
+    """For each dim of ``shape``, True if its factor is diagonal (docs/maths.md §4).
 
     A dim is diagonal when ``d == 1``, ``d > max_size_triangular``, ``ndim < min_ndim_triangular``,
     ``memory_save_mode`` forces it, or ``d**2 > max_skew * numel``.
@@ -70,7 +72,8 @@ def diag_dims(
 
 
 def merged_shape(shape: Sequence[int]) -> tuple[int, ...]:
-    """The 2-D shape kron-torch merges an ``ndim > 2`` tensor into (MATH.md §4); else unchanged.
+    """The 2-D shape kron-torch merges an ``ndim > 2`` tensor into (docs/maths.md §4); else
+    unchanged.
 
     Candidates ``[prod(shape[:-1]), shape[-1]]`` and ``[shape[0], prod(shape[1:])]``; the one with
     the smaller ``second - first`` wins, the first on ties.

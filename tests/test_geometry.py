@@ -1,4 +1,5 @@
-"""The ground truth of MATH.md §6 for every structure x geometry x mode, and rule invariants."""
+"""The ground truth of docs/maths.md §6 for every structure x geometry x mode, and rule
+invariants."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from psgd_lab.problems import STRUCTURES, fit_error, hvp, kron_problem, random_s
 # Newton: at P = H⁻¹ the pair (v, Hv) makes T1 = T2 exactly, so the fit converges linearly to
 # round-off. 1e-6 sits orders of magnitude above the worst measured error (EQ, dense: ~1e-8) and
 # far below the starting error (~1). PRO4P stops its Procrustes iterations once
-# ‖Pᴴ − P‖ < 1e-3 ‖P‖ (MATH.md §3), so its P keeps a rotation of that size: tolerance 3e-3.
+# ‖Pᴴ − P‖ < 1e-3 ‖P‖ (docs/maths.md §3), so its P keeps a rotation of that size: tolerance 3e-3.
 NEWTON_STEPS = 1000
 NEWTON_TOL = {"PRO4P": 3e-3}
 NEWTON_TOL_DEFAULT = 1e-6

@@ -512,7 +512,7 @@ def test_loading_a_different_layout_fails_clearly():
 def test_beats_adamw_on_an_ill_conditioned_quadratic():
     """Condition number 1e4 with rotated eigenvectors, 300 steps, best of an lr grid each.
 
-    Newton mode fits ``P`` to ``H⁻¹`` (MATH.md §6), so its step is a damped Newton step.
+    Newton mode fits ``P`` to ``H⁻¹`` (docs/maths.md §6), so its step is a damped Newton step.
     Measured: Kron ~1.6e-8, AdamW's best ~7e-5 (lr 1.0); initial loss 9.5.
     """
     loss_fn, X0 = kron_quadratic(n=16, cond=1e4)

@@ -1,4 +1,4 @@
-"""Which dims get dense vs diagonal factors (MATH.md §4), dim merging, and plans."""
+"""Which dims get dense vs diagonal factors (docs/maths.md §4), dim merging, and plans."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """psgd_lab.Kron is a drop-in for kron_torch.Kron 0.3.3: same signature, same schedule decisions,
-same trajectory when both draw the same ``v`` (MATH.md §5)."""
+same trajectory when both draw the same ``v`` (docs/maths.md §5)."""
 
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def test_same_v_same_fit_and_update_to_the_noise_level(capsys):
     """One step from the same weights with the same ``v``: the fitted factors agree to float32
     round-off, and the update ``u = Δθ/lr`` differs only because kron-torch adds its fitting noise
     ``sqrt(eps_f32)·mean|m̂|·v`` (3.5e-4 of ``mean|m̂|``) to ``m̂`` in place and so preconditions the
-    noised momentum; psgd_lab preconditions ``m̂`` (MATH.md §5.4)."""
+    noised momentum; psgd_lab preconditions ``m̂`` (docs/maths.md §5.4)."""
     mk, ok, _, _ = _train(kron_torch.Kron, 0, 1)
     mp, op, _, _ = _train(psgd_lab.Kron, 0, 1)
     _, _, model0 = _task(0)

@@ -172,5 +172,5 @@ class Hyper:
 
     @property
     def init_damping(self) -> float:
-        """The damping of the data-driven initial scale (MATH.md §4)."""
+        """The damping of the data-driven initial scale (docs/maths.md §4)."""
         return self.damping if isinstance(self.damping, float) and self.damping > 0 else 1e-9

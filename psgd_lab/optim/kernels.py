@@ -1,4 +1,5 @@
-"""The maths of one ``Kron`` step for the parameters of one group (MATH.md §5), in two kernels.
+"""The maths of one ``Kron`` step for the parameters of one group (docs/maths.md §5), in two
+kernels.
 
 - ``single_step``: the plain reference, one tensor at a time, reading like the paper; a
   non-finite gradient is found on the host and the tensor skipped.
@@ -120,7 +121,7 @@ def _fit(hy: Hyper, Q: list, state_L, h, v, draws: Draws, balance: bool, init) -
 
 def _clip(Pm: Tensor, debias: Tensor) -> Tensor:
     """Per tensor of the stack: ``scale`` with ``u = scale · P m`` = ``P m̂`` clipped to RMS 1.1
-    (MATH.md §5.4); ``P`` is linear, so the debias folds into the scale. ``vector_norm`` along
+    (docs/maths.md §5.4); ``P`` is linear, so the debias folds into the scale. ``vector_norm`` along
     the contiguous last dim is fast and accumulates in double on the CPU (no overflow)."""
     n = math.prod(Pm.shape[1:])
     rms = torch.linalg.vector_norm(Pm.reshape(Pm.shape[0], -1), dim=1) / (math.sqrt(n) * debias)
@@ -144,7 +145,7 @@ def _known(mask: Tensor) -> bool | None:
 
 
 def _momentum(M: Tensor, G: Tensor, b1: float, ok: Tensor, every: bool | None) -> Tensor:
-    """``m <- b1·m + (1 − b1)·g`` (MATH.md §5.1) in place where ``ok``, ``m`` where not: a
+    """``m <- b1·m + (1 − b1)·g`` (docs/maths.md §5.1) in place where ``ok``, ``m`` where not: a
     weight of 0 keeps ``m`` exactly, and ``nan_to_num`` (the identity on a finite gradient)
     keeps NaN out of ``0·(g − m)``. Arithmetic, not ``torch.where`` (several times slower on
     the CPU). ``every``: all ``ok`` (known on the host), so no masking. Returns ``M``."""

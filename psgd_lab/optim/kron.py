@@ -1,4 +1,5 @@
-"""``Kron``: PSGD Kron as a ``torch.optim.Optimizer`` (MATH.md §5), a drop-in for kron-torch's.
+"""``Kron``: PSGD Kron as a ``torch.optim.Optimizer`` (docs/maths.md §5), a drop-in for
+kron-torch's.
 
 ``step`` reads: the closure (first, as torch.optim does) → the update decisions → the random
 draws and, in Newton mode, the ``(v, Hv)`` pairs → one kernel per group (``kernels``) → the
@@ -34,7 +35,8 @@ class Kron(torch.optim.Optimizer):
     Adam's; ``weight_decay`` decoupled, on ``ndim >= 2`` only; ``preconditioner_update_probability``
     a float, a callable ``n -> prob`` or ``None`` for ``precond_update_prob_schedule()``;
     ``max_size_triangular``, ``min_ndim_triangular``, ``memory_save_mode``, ``merge_dims``: which
-    dims get diagonal factors (MATH.md §4); ``precond_init_scale=None``: the data-driven scale).
+    dims get diagonal factors (docs/maths.md §4); ``precond_init_scale=None``: the data-driven
+    scale).
 
     Keyword-only, beyond kron-torch (defaults keep its behaviour; the README's table has more):
 
@@ -222,7 +224,8 @@ class Kron(torch.optim.Optimizer):
 
     def _decide(self, gi: int, group: dict) -> tuple[bool, int, float]:
         """The group's deterministic update decision, its next counter and ``prob(n)``: update
-        when ``counter + 1 >= 1/prob(n)`` (MATH.md §5). kron-torch's arithmetic: a callable gets
+        when ``counter + 1 >= 1/prob(n)`` (docs/maths.md §5). kron-torch's arithmetic: a callable
+        gets
         ``n`` as a float32 tensor, and a tensor probability is inverted in its own dtype (a CPU
         tensor: no device sync; a schedule returning a device tensor costs one)."""
         prob = group["preconditioner_update_probability"]

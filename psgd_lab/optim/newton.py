@@ -1,5 +1,5 @@
 """Newton mode's pairs: the closure's loss, its gradient and ``H v`` for the parameters whose
-group updates ``P`` this step (MATH.md §2)."""
+group updates ``P`` this step (docs/maths.md §2)."""
 
 from __future__ import annotations
 
