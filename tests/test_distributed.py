@@ -1,4 +1,4 @@
-"""Kron under torch.distributed (issue 8): 2 gloo processes on this CPU, started by
+"""Kron under torch.distributed: 2 gloo processes on this CPU, started by
 ``torch.multiprocessing``.
 
 Phase 1 (one spawn) trains the same model on the same global batches five ways: DDP,

@@ -1,4 +1,4 @@
-"""Hostile gradients (issue 7, first part): Kron on the digits MLP stays finite and recovers.
+"""Hostile gradients: Kron on the digits MLP stays finite and recovers.
 
 Each scenario runs a hostile phase, then 300 ordinary steps, and checks that no parameter or
 optimiser state is non-finite and that the final training loss reaches the bound given (the clean
