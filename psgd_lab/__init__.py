@@ -1,6 +1,7 @@
 """psgd_lab: PSGD Kron preconditioner primitives, a drop-in ``Kron`` optimiser, and a lab.
 
-Public API: ``Kron`` (the optimiser), ``precond_update_prob_schedule``, the preconditioners
+Public API: the optimisers ``Kron``, ``LRA`` and ``Dense`` (one class per preconditioner
+structure, the same arguments), ``precond_update_prob_schedule``, the preconditioners
 ``KronPreconditioner``, ``DensePreconditioner`` and ``LRAPreconditioner`` (module ``lra``),
 ``GEOMETRIES`` and the primitive modules ``structure``, ``factors``, ``linalg``, ``geometry``,
 ``pairs``, ``schedules``, ``distributed`` (what ``Kron`` uses from ``torch.distributed``) and
@@ -10,7 +11,7 @@ Public API: ``Kron`` (the optimiser), ``precond_update_prob_schedule``, the prec
 from . import distributed, factors, geometry, linalg, lra, notebook, pairs, schedules, structure
 from .geometry import GEOMETRIES
 from .lra import LRAPreconditioner
-from .optim import Kron, ParamInfo
+from .optim import LRA, Dense, Kron, ParamInfo
 from .preconditioner import DensePreconditioner, KronPreconditioner
 from .schedules import UpdateProbSchedule, precond_update_prob_schedule
 
@@ -18,9 +19,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GEOMETRIES",
+    "Dense",
     "DensePreconditioner",
     "Kron",
     "KronPreconditioner",
+    "LRA",
     "LRAPreconditioner",
     "distributed",
     "ParamInfo",

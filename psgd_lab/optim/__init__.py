@@ -1,6 +1,7 @@
 """The optimisers: thin ``torch.optim`` classes over functional kernels.
 
 - ``kron``: the ``Kron`` class (``step`` reads in one screen);
+- ``flat``: ``LRA`` and ``Dense``, one preconditioner over a group's flattened parameters;
 - ``kernels``: the single-tensor reference and the grouped multi-tensor kernel, tested equal;
 - ``newton``: the closure and Newton mode's ``(v, Hv)`` pairs;
 - ``placement``: replicated, ``"shard"``, FSDP2 ``"full"`` and ``"local"``;
@@ -9,7 +10,8 @@
 - ``config``: hyperparameter validation.
 """
 
+from .flat import LRA, Dense
 from .kron import Kron
 from .memory import ParamInfo
 
-__all__ = ["Kron", "ParamInfo"]
+__all__ = ["Dense", "Kron", "LRA", "ParamInfo"]

@@ -97,6 +97,15 @@ def check_group(g: dict) -> None:
     check_number("beta_L", g["beta_L"], 0, 1, hi_open=True)
     if g["precond_budget"] is not None:
         check_number("precond_budget", g["precond_budget"], 0, math.inf, lo_open=True)
+    check_clip(g.get("clip", "tensor"), g.get("clip_max_amp", 1.1))
+
+
+CLIPS = ("tensor", "global", None)
+
+
+def check_clip(clip, max_amp) -> None:
+    check_choice("clip", clip, CLIPS)
+    check_number("clip_max_amp", max_amp, 0, math.inf, lo_open=True)
 
 
 def check_param(p: Tensor, group: dict) -> None:
@@ -150,6 +159,8 @@ class Hyper:
     damping: float | str  # "kron", a float λ, or 0.0
     momentum_into_precond_update: bool
     init_scale: float | None
+    clip: str | None = "tensor"  # "tensor" (kron-torch), "global" (the reference's) or None
+    clip_max_amp: float = 1.1
 
     @staticmethod
     def of(group: dict, newton: bool) -> Hyper:
@@ -168,9 +179,30 @@ class Hyper:
             damping=damping,
             momentum_into_precond_update=group["momentum_into_precond_update"],
             init_scale=group["precond_init_scale"],
+            clip=group.get("clip", "tensor"),  # absent from checkpoints saved before it existed
+            clip_max_amp=group.get("clip_max_amp", 1.1),
         )
 
     @property
     def init_damping(self) -> float:
         """The damping of the data-driven initial scale (docs/maths.md §4)."""
         return self.damping if isinstance(self.damping, float) and self.damping > 0 else 1e-9
+
+
+def decide(prob, prob_step: int, counter: int) -> tuple[bool, int, float]:
+    """The deterministic update decision of docs/maths.md §5.2: ``(update now, the next counter,
+    prob(n))``; update when ``counter + 1 >= 1/prob(n)``. kron-torch's arithmetic: a callable
+    gets ``n`` as a float32 tensor, and a tensor probability is inverted in its own dtype (a CPU
+    tensor: no device sync; a schedule returning a device tensor costs one)."""
+    if callable(prob):
+        prob = prob(torch.tensor(prob_step, dtype=torch.float32))
+    value = float(prob)
+    if not 0 < value <= 1:
+        raise ValueError(
+            f"preconditioner_update_probability must be in (0, 1]; the schedule gave "
+            f"{value!r} at step {prob_step}"
+        )
+    inverse = float(1 / prob) if isinstance(prob, Tensor) else 1 / value
+    counter += 1
+    return (True, 0, value) if counter >= inverse else (False, counter, value)
+

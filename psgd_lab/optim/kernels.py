@@ -119,13 +119,28 @@ def _fit(hy: Hyper, Q: list, state_L, h, v, draws: Draws, balance: bool, init) -
     return L
 
 
-def _clip(Pm: Tensor, debias: Tensor) -> Tensor:
-    """Per tensor of the stack: ``scale`` with ``u = scale · P m`` = ``P m̂`` clipped to RMS 1.1
-    (docs/maths.md §5.4); ``P`` is linear, so the debias folds into the scale. ``vector_norm`` along
-    the contiguous last dim is fast and accumulates in double on the CPU (no overflow)."""
+def _clip(Pm: Tensor, debias: Tensor, hy: Hyper) -> Tensor:
+    """Per tensor of the stack: ``scale`` with ``u = scale · P m`` = ``P m̂`` clipped to RMS
+    ``hy.clip_max_amp`` (1.1: kron-torch's, docs/maths.md §5.4) with ``clip="tensor"``, else
+    ``P m̂`` as it is (``"global"`` clips the whole group afterwards: ``clip_global``); ``P`` is
+    linear, so the debias folds into the scale. ``vector_norm`` along the contiguous last dim is
+    fast and accumulates in double on the CPU (no overflow)."""
+    if hy.clip != "tensor":
+        return 1 / debias
     n = math.prod(Pm.shape[1:])
     rms = torch.linalg.vector_norm(Pm.reshape(Pm.shape[0], -1), dim=1) / (math.sqrt(n) * debias)
-    return torch.clamp(1.1 / (rms + 1e-12), max=1.0) / debias
+    return torch.clamp(hy.clip_max_amp / (rms + 1e-12), max=1.0) / debias
+
+
+def clip_global(us: list[Tensor], max_amp: float) -> None:
+    """Scale every update of the list, in place, so their RMS over all entries is at most
+    ``max_amp`` (the reference's ``grad_clip_max_amp``); no host sync."""
+    if not us or max_amp == math.inf:
+        return
+    sq = torch.stack([torch.linalg.vector_norm(u.reshape(-1), dtype=torch.float64) for u in us])
+    rms = (sq.square().sum() / sum(u.numel() for u in us)).sqrt()
+    scale = torch.clamp(max_amp / (rms + 1e-12), max=1.0)
+    torch._foreach_mul_(us, [scale.to(u.real.dtype) for u in us])
 
 
 def _debias(b1: float, steps: Tensor, like: Tensor) -> Tensor:
@@ -198,7 +213,7 @@ def single_step(items: Sequence[Item], hy: Hyper, *, do_update: bool, prob: floa
             cache.pop(id(it.p), None)
         keep = cached_dims(it.plan, prob)
         Pm, cache[id(it.p)] = precondition(Q, m_p, hy, keep, cache.get(id(it.p)))
-        u = Pm.mul_(_per(_clip(Pm, debias), Pm))
+        u = Pm.mul_(_per(_clip(Pm, debias, hy), Pm))
         out.append((u[0], torch.ones((), dtype=torch.bool, device=g.device)))
     return out
 
@@ -237,7 +252,7 @@ def stacked_step(G, M, steps, Q, L, init, hv, draws, *, hy: Hyper, pd: torch.dty
             init = init | fit_ok
         cached = None
     Pm, cached = precondition(Q, m_p, hy, keep, cached)
-    scale = _clip(Pm, debias) * ok
+    scale = _clip(Pm, debias, hy) * ok
     return M, steps, Q, L, init, Pm.mul_(_per(scale, Pm)), ok, cached
 
 

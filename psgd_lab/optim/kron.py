@@ -22,8 +22,9 @@ from .. import factors
 from ..schedules import precond_update_prob_schedule
 from ..structure import KronPlan
 from . import checkpoint, memory, newton, placement
-from .config import Hyper, check_group, check_options, check_param, mu_dtype, precond_dtype
-from .kernels import CompiledSteps, Item, grouped_step, single_step, stacked_step
+from .config import (Hyper, check_group, check_options, check_param, decide, mu_dtype,
+                     precond_dtype)  # fmt: skip
+from .kernels import CompiledSteps, Item, clip_global, grouped_step, single_step, stacked_step
 from .memory import ParamInfo
 from .streams import LazyCount, Streams
 
@@ -52,6 +53,9 @@ class Kron(torch.optim.Optimizer):
         lipschitz, beta_L: step normalisation, ``"kron"`` (``L = ℓ``) or the ``"ema"``.
         precond_budget: a multiple of each parameter's bytes its factors may take; the largest
             dense dims become diagonal until they fit (``describe()`` reports which).
+        clip, clip_max_amp: the update ``P m̂`` is clipped to RMS ``clip_max_amp`` per tensor
+            (``"tensor"``, kron-torch's, with 1.1), over the whole group (``"global"``, the
+            reference's ``grad_clip_max_amp``), or not at all (``None``).
         seed: seeds the per-parameter random streams and the balancing decisions (42 gives
             kron-torch's); the global RNG is never touched.
         nonfinite: ``"skip"`` leaves a parameter with a NaN/Inf gradient (or ``Hv``), its momentum
@@ -90,6 +94,8 @@ class Kron(torch.optim.Optimizer):
         lipschitz: str = "kron",
         beta_L: float = 0.9,
         precond_budget: float | None = None,
+        clip: str | None = "tensor",
+        clip_max_amp: float = 1.1,
         seed: int = 42,
         nonfinite: str = "skip",
         precond_cache: bool = True,
@@ -112,7 +118,8 @@ class Kron(torch.optim.Optimizer):
             momentum_into_precond_update=momentum_into_precond_update, precond_lr=precond_lr,
             precond_init_scale=precond_init_scale, merge_dims=merge_dims, mu_dtype=mu_dtype,
             precond_dtype=precond_dtype, geometry=geometry, max_skew=max_skew, damping=damping,
-            lipschitz=lipschitz, beta_L=beta_L, precond_budget=precond_budget,
+            lipschitz=lipschitz, beta_L=beta_L, precond_budget=precond_budget, clip=clip,
+            clip_max_amp=clip_max_amp,
         )  # fmt: skip
         check_group(defaults)
         self._group_keys = tuple(defaults)  # Kron's per-group settings
@@ -223,23 +230,9 @@ class Kron(torch.optim.Optimizer):
         return loss
 
     def _decide(self, gi: int, group: dict) -> tuple[bool, int, float]:
-        """The group's deterministic update decision, its next counter and ``prob(n)``: update
-        when ``counter + 1 >= 1/prob(n)`` (docs/maths.md §5). kron-torch's arithmetic: a callable
-        gets
-        ``n`` as a float32 tensor, and a tensor probability is inverted in its own dtype (a CPU
-        tensor: no device sync; a schedule returning a device tensor costs one)."""
+        """The group's update decision, its next counter and ``prob(n)`` (``config.decide``)."""
         prob = group["preconditioner_update_probability"]
-        if callable(prob):
-            prob = prob(torch.tensor(self._prob_step, dtype=torch.float32))
-        value = float(prob)
-        if not 0 < value <= 1:
-            raise ValueError(
-                f"preconditioner_update_probability must be in (0, 1]; the schedule gave "
-                f"{value!r} at step {self._prob_step}"
-            )
-        inverse = float(1 / prob) if isinstance(prob, Tensor) else 1 / value
-        counter = self._counters[gi] + 1
-        return (True, 0, value) if counter >= inverse else (False, counter, value)
+        return decide(prob, self._prob_step, self._counters[gi])
 
     def _todo(self, decisions: list) -> list[tuple[Tensor, int, bool, float]]:
         """``(p, group index, do_update, prob)`` of every parameter that steps now."""
@@ -336,6 +329,13 @@ class Kron(torch.optim.Optimizer):
             cache = self._cache if self.precond_cache else {}
             results = kernel(items, hy, do_update=do, prob=prob if self.precond_cache else None,
                              balance=balance, cache=cache, **extra)  # fmt: skip
+            if hy.clip == "global":
+                if own or self.dtensor == "local" and self._has_dtensor:
+                    raise ValueError(
+                        "clip='global' needs the whole group's update on every rank; it does "
+                        "not combine with distributed='shard' or dtensor='local'"
+                    )
+                clip_global([u for u, _ in results], hy.clip_max_amp)
             if finite is None:
                 self._nonfinite.add(~torch.stack([ok for _, ok in results]))
             done = [(it.p, u, ok) for it, (u, ok) in zip(items, results)]
