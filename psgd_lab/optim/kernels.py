@@ -207,12 +207,18 @@ def single_step(items: Sequence[Item], hy: Hyper, *, do_update: bool, prob: floa
                 if hy.init_scale is None:
                     init = st["initialised"].reshape(1)
                 L = None if "L" not in st else [x.reshape(1) for x in st["L"]]
+                backup = [x.clone() for x in [*Q, *(L or [])]]
                 _fit(hy, Q, L, h, v, Draws.stack([it.draws]), balance, init)
+                if not all(bool(torch.isfinite(q).all()) for q in Q):  # overflowed: keep Q
+                    torch._foreach_copy_([*Q, *(L or [])], backup)
                 if init is not None:
                     st["initialised"].fill_(True)
             cache.pop(id(it.p), None)
         keep = cached_dims(it.plan, prob)
         Pm, cache[id(it.p)] = precondition(Q, m_p, hy, keep, cache.get(id(it.p)))
+        if not bool(torch.isfinite(Pm).all()):  # P m̂ overflowed (a 1e20 entry): skip the step
+            out.append((torch.zeros_like(Pm[0]), torch.zeros((), dtype=torch.bool, device=g.device)))
+            continue
         u = Pm.mul_(_per(_clip(Pm, debias, hy), Pm))
         out.append((u[0], torch.ones((), dtype=torch.bool, device=g.device)))
     return out
@@ -239,12 +245,19 @@ def stacked_step(G, M, steps, Q, L, init, hv, draws, *, hy: Hyper, pd: torch.dty
         h, v, _ = _pair(hy, (m_p / _per(debias, m_p)).to(pd), G.to(pd), pair)
         fit_ok = ok & nonzero
         every = _known(fit_ok)
-        if every:  # the CPU knows every pair is fit: update in place (L too), nothing to mask
-            _fit(hy, Q, L, h, v, draws, balance, init)
-        elif every is None:  # unknown (an accelerator, compiled) or mixed: fit copies, mask
+        if every:  # the CPU knows every pair is fit: update in place (L too), keep a copy
+            work, L_work = Q, L
+            Q, L = [q.clone() for q in Q], None if L is None else [x.clone() for x in L]
+        else:  # unknown (an accelerator, compiled) or mixed: fit copies, then mask
             work = [q.clone() for q in Q]
             L_work = None if L is None else [x.clone() for x in L]
-            L_work = _fit(hy, work, L_work, h, v, draws, balance, init)
+        fitted_L = _fit(hy, work, L_work, h, v, draws, balance, init)
+        L_work = None if L is None else fitted_L  # lipschitz="kron" keeps no L
+        for w in work:  # a fit that overflowed (a 1e20 gradient once P has grown) keeps Q
+            fit_ok = fit_ok & _stats(w)[0]
+        if _known(fit_ok):
+            Q, L = work, L_work
+        else:
             Q = [torch.where(_per(fit_ok, q), w, q) for q, w in zip(Q, work)]
             if L is not None:
                 L = [torch.where(fit_ok, w, x) for x, w in zip(L, L_work)]
@@ -252,7 +265,10 @@ def stacked_step(G, M, steps, Q, L, init, hv, draws, *, hy: Hyper, pd: torch.dty
             init = init | fit_ok
         cached = None
     Pm, cached = precondition(Q, m_p, hy, keep, cached)
-    scale = _clip(Pm, debias, hy) * ok
+    ok = ok & _stats(Pm)[0]  # P m̂ can overflow where m̂ is finite (a 1e20 entry): skip it
+    scale = torch.nan_to_num(_clip(Pm, debias, hy)) * ok
+    if not _known(ok):  # inf · 0 is NaN: zero the skipped tensors' updates outright
+        Pm = torch.where(_per(ok, Pm), Pm, 0)
     return M, steps, Q, L, init, Pm.mul_(_per(scale, Pm)), ok, cached
 
 
