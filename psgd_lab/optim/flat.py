@@ -78,8 +78,8 @@ class _Flat(torch.optim.Optimizer):
         group = self.param_groups[-1]
         try:
             _check_group(group)
-            self._check_structure(group)
             _layout(group)
+            self._check_structure(group)
         except (ValueError, TypeError):
             self.param_groups.pop()
             raise
@@ -183,6 +183,8 @@ class _Flat(torch.optim.Optimizer):
                 v, info = None, G
             self._fit(gi, st, pre, h, v, ok & (info != 0).any(), group["precond_lr"])
         u = pre.precondition(m_hat)
+        ok = ok & torch.isfinite(u).all()  # P m̂ can overflow where m̂ is finite
+        u = torch.where(ok, u, 0)  # a skipped step moves nothing (inf · 0 would be NaN)
         us = [x.reshape(p.shape) for x, p in zip(_split(u, group), params)]
         if group["clip"] == "tensor":  # per tensor, as Kron: RMS at most clip_max_amp
             rms = torch.stack(torch._foreach_norm(us)).double() / torch.tensor(
