@@ -59,27 +59,38 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "kron-torch": Preset(Kron, {}, "kron-torch 0.3.3, Kron(...) defaults (psgd_lab.Kron's own)"),
     "reference-kron-whiten": Preset(
-        Kron, dict(_REF_KRON, lr=0.001), "psgd_torch psgd.py, KronWhiten(...) defaults",
+        Kron,
+        dict(_REF_KRON, lr=0.001),
+        "psgd_torch psgd.py, KronWhiten(...) defaults",
         (_MOMENTUM, _INIT, _COIN),
     ),
     "reference-kron-newton": Preset(
-        Kron, dict(_REF_KRON, lr=0.01, mode="newton"),
+        Kron,
+        dict(_REF_KRON, lr=0.01, mode="newton"),
         "psgd_torch psgd.py, KronNewton(...) defaults (exact Hessian-vector products)",
-        (_MOMENTUM, _INIT, _COIN,
-         "KronNewton's optional grad_clip_max_norm (off by default) clips the norm; psgd_lab "
-         "clips the RMS (clip='global')"),
+        (
+            _MOMENTUM,
+            _INIT,
+            _COIN,
+            "KronNewton's optional grad_clip_max_norm (off by default) clips the norm; psgd_lab "
+            "clips the RMS (clip='global')",
+        ),
     ),  # fmt: skip
     "reference-lra-whiten": Preset(
-        LRA, dict(_REFERENCE, lr=0.001, rank=10, uv_schedule="random"),
-        "psgd_torch psgd.py, LRAWhiten(...) defaults", (_MOMENTUM, _COIN),
+        LRA,
+        dict(_REFERENCE, lr=0.001, rank=10, uv_schedule="random"),
+        "psgd_torch psgd.py, LRAWhiten(...) defaults",
+        (_MOMENTUM, _COIN),
     ),  # fmt: skip
     "reference-lra-newton": Preset(
-        LRA, dict(_REFERENCE, lr=0.01, rank=10, uv_schedule="random", mode="newton"),
+        LRA,
+        dict(_REFERENCE, lr=0.01, rank=10, uv_schedule="random", mode="newton"),
         "psgd_torch psgd.py, LRANewton(...) defaults (exact Hessian-vector products)",
         (_MOMENTUM, _COIN),
     ),  # fmt: skip
     "reference-dense-newton": Preset(
-        Dense, dict(_REFERENCE, lr=0.01, geometry="Q0.5EQ1.5", lipschitz="ema", mode="newton"),
+        Dense,
+        dict(_REFERENCE, lr=0.01, geometry="Q0.5EQ1.5", lipschitz="ema", mode="newton"),
         "psgd_torch psgd.py, DenseNewton(...) defaults (exact Hessian-vector products)",
         (_MOMENTUM, _COIN),
     ),  # fmt: skip

@@ -1,4 +1,5 @@
-"""Hostile gradients: Kron on the digits MLP stays finite and recovers.
+"""Hostile gradients: every optimiser (Kron, LRA, Dense) on the digits MLP stays finite and
+recovers.
 
 Each scenario runs a hostile phase, then 300 ordinary steps, and checks that no parameter or
 optimiser state is non-finite and that the final training loss reaches the bound given (the clean
@@ -6,16 +7,24 @@ run reaches 0.005 in 300 steps; the initial loss is 2.3). Scaled gradients must 
 scaled: their loss at the end of the hostile phase is bounded too. Measured final losses: zeros
 0.035, ×1e6 0.0005, ×1e-6 0.0015, ×1e30 1.35 (finite only), outliers 0.0007, sparse rows 0.0000,
 sign flips 0.0028, NaN/Inf bursts 0.0036 (240 parameter-steps skipped).
+
+``LRA`` (lr 1e-2) and ``Dense`` (lr 3e-2, on a 64-4-10 MLP: a dense ``Q`` over the 2,410 weights
+of the 64-32-10 one would cost ~14 GFLOP per update) run the same battery against
+``max(bound, 3 x their own clean loss)``: their clean runs are weaker (measured 0.012 and 0.34).
+LRA does not recover from the 1e6 outlier every 100 steps (measured 0.47): its diagonal step is
+normalised by the largest entry, which the outlier owns, so the fit stalls until the next one (an
+expected failure below, strict: it fails the suite if it starts passing).
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
 import torch
 
-from psgd_lab import Kron
+from psgd_lab import LRA, Dense, Kron
 from psgd_lab.problems import digits, mlp
 
 X, Y, _, _ = digits()
@@ -47,9 +56,19 @@ SCENARIOS = {
 }
 
 
-def _run(transform, hostile_steps, normal_steps=300):
-    model = mlp((64, 32, 10), seed=0)
-    opt = Kron(model.parameters(), lr=3e-3)
+# name: (hidden sizes of the MLP, the optimiser)
+OPTIMISERS = {
+    "Kron": ((64, 32, 10), lambda ps: Kron(ps, lr=3e-3)),
+    "LRA": ((64, 32, 10), lambda ps: LRA(ps, lr=1e-2)),
+    "Dense": ((64, 4, 10), lambda ps: Dense(ps, lr=3e-2)),
+}
+KNOWN_FAILURES = {("LRA", "an outlier of 1e6 every 100 steps")}
+
+
+def _run(transform, hostile_steps, normal_steps=300, optimiser="Kron"):
+    sizes, make = OPTIMISERS[optimiser]
+    model = mlp(sizes, seed=0)
+    opt = make(model.parameters())
     g = torch.Generator().manual_seed(0)
     during = None
     for t in range(hostile_steps + normal_steps):
@@ -71,16 +90,41 @@ def _run(transform, hostile_steps, normal_steps=300):
     return model, opt, loss, during
 
 
-@pytest.mark.parametrize("name", SCENARIOS)
-def test_hostile_gradients_stay_finite_and_training_recovers(name):
+@functools.cache
+def _clean(optimiser: str) -> float:
+    return _run(lambda g, t: g, 0, optimiser=optimiser)[2]
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _tensors(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _tensors(v)
+
+
+CASES = [
+    pytest.param(o, n, marks=pytest.mark.xfail(strict=True, reason="LRA's diagonal step is "
+                                               "normalised by the outlier's entry: it stalls"))
+    if (o, n) in KNOWN_FAILURES else (o, n)
+    for o in OPTIMISERS for n in SCENARIOS
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("optimiser", "name"), CASES)
+def test_hostile_gradients_stay_finite_and_training_recovers(optimiser, name):
     transform, hostile_steps, bound = SCENARIOS[name]
-    model, opt, loss, during = _run(transform, hostile_steps)
+    model, opt, loss, during = _run(transform, hostile_steps, optimiser=optimiser)
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    for st in opt.state.values():
-        assert torch.isfinite(st["momentum_buffer"]).all()
-        assert all(torch.isfinite(q).all() for q in st["Q"])
+    state = [t for t in _tensors(opt.state_dict()["state"]) if t.is_floating_point()]
+    assert state and all(torch.isfinite(t).all() for t in state)
+    if optimiser != "Kron":
+        bound = max(bound, 3 * _clean(optimiser))
     assert loss < bound, loss
-    if name.startswith("scaled by 1e") and name != "scaled by 1e30":
+    if optimiser == "Kron" and name.startswith("scaled by 1e") and name != "scaled by 1e30":
         # trains while scaled; measured 0.002 (1e6) and 0.05 (1e-6: P = I must first grow by the
         # 1e6 it absorbs, ~(1 + lr)² per update, about 70 updates)
         assert during < 0.1, during

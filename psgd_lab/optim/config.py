@@ -205,4 +205,3 @@ def decide(prob, prob_step: int, counter: int) -> tuple[bool, int, float]:
     inverse = float(1 / prob) if isinstance(prob, Tensor) else 1 / value
     counter += 1
     return (True, 0, value) if counter >= inverse else (False, counter, value)
-

@@ -127,7 +127,9 @@ class _Flat(torch.optim.Optimizer):
         gen.manual_seed(stream_seed(self.seed, 2 * gi + 1, int(st["updates"])))
         v = torch.randn(st["momentum_buffer"].shape, generator=gen, device=gen.device,
                         dtype=self._pre[gi].dtype)  # fmt: skip
-        return {p: x.reshape(p.shape).to(p.dtype) for p, x in zip(group["params"], _split(v, group))}
+        return {
+            p: x.reshape(p.shape).to(p.dtype) for p, x in zip(group["params"], _split(v, group))
+        }
 
     def _group_state(self, gi: int, group: dict) -> dict:
         """The group's state (kept under its first parameter, so ``torch.optim``'s checkpoint
@@ -188,7 +190,8 @@ class _Flat(torch.optim.Optimizer):
         us = [x.reshape(p.shape) for x, p in zip(_split(u, group), params)]
         if group["clip"] == "tensor":  # per tensor, as Kron: RMS at most clip_max_amp
             rms = torch.stack(torch._foreach_norm(us)).double() / torch.tensor(
-                [math.sqrt(x.numel()) for x in us], dtype=torch.float64, device=u.device)
+                [math.sqrt(x.numel()) for x in us], dtype=torch.float64, device=u.device
+            )
             scale = torch.clamp(group["clip_max_amp"] / (rms + 1e-12), max=1.0).to(u.dtype)
             torch._foreach_mul_(us, list(scale.unbind(0)))
         elif group["clip"] == "global":
@@ -282,7 +285,9 @@ def _layout(group: dict) -> tuple[torch.dtype, torch.device, torch.dtype]:
         raise TypeError("LRA and Dense optimise real floating-point parameters only")
     devices = {p.device for p in params}
     if len(devices) > 1:
-        raise ValueError(f"a group's parameters must share one device; got {sorted(map(str, devices))}")
+        raise ValueError(
+            f"a group's parameters must share one device; got {sorted(map(str, devices))}"
+        )
     dtype = params[0].dtype
     for p in params[1:]:
         dtype = torch.promote_types(dtype, p.dtype)
@@ -306,7 +311,9 @@ def _check_group(g: dict) -> None:
     for name in ("mu_dtype", "precond_dtype"):
         dt = g[name]
         if dt is not None and not (isinstance(dt, torch.dtype) and dt.is_floating_point):
-            raise ValueError(f"{name} must be None or a real floating-point torch.dtype; got {dt!r}")
+            raise ValueError(
+                f"{name} must be None or a real floating-point torch.dtype; got {dt!r}"
+            )
 
 
 class LRA(_Flat):

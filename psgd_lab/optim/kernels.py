@@ -217,7 +217,9 @@ def single_step(items: Sequence[Item], hy: Hyper, *, do_update: bool, prob: floa
         keep = cached_dims(it.plan, prob)
         Pm, cache[id(it.p)] = precondition(Q, m_p, hy, keep, cache.get(id(it.p)))
         if not bool(torch.isfinite(Pm).all()):  # P m̂ overflowed (a 1e20 entry): skip the step
-            out.append((torch.zeros_like(Pm[0]), torch.zeros((), dtype=torch.bool, device=g.device)))
+            out.append(
+                (torch.zeros_like(Pm[0]), torch.zeros((), dtype=torch.bool, device=g.device))
+            )
             continue
         u = Pm.mul_(_per(_clip(Pm, debias, hy), Pm))
         out.append((u[0], torch.ones((), dtype=torch.bool, device=g.device)))

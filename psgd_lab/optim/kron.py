@@ -22,8 +22,15 @@ from .. import factors
 from ..schedules import precond_update_prob_schedule
 from ..structure import KronPlan
 from . import checkpoint, memory, newton, placement
-from .config import (Hyper, check_group, check_options, check_param, decide, mu_dtype,
-                     precond_dtype)  # fmt: skip
+from .config import (
+    Hyper,
+    check_group,
+    check_options,
+    check_param,
+    decide,
+    mu_dtype,
+    precond_dtype,  # fmt: skip
+)
 from .kernels import CompiledSteps, Item, clip_global, grouped_step, single_step, stacked_step
 from .memory import ParamInfo
 from .streams import LazyCount, Streams
