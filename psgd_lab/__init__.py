@@ -3,11 +3,23 @@
 Public API: ``Kron`` (the optimiser), ``precond_update_prob_schedule``, the preconditioners
 ``KronPreconditioner``, ``DensePreconditioner`` and ``LRAPreconditioner`` (module ``lra``),
 ``GEOMETRIES`` and the primitive modules ``structure``, ``factors``, ``linalg``, ``geometry``,
-``pairs``, ``schedules``, ``distributed`` (what ``Kron`` uses from ``torch.distributed``) and
-``notebook`` (the deterministic set-up and machine-independent checks the notebooks share).
+``pairs``, ``schedules``, ``distributed`` (what ``Kron`` uses from ``torch.distributed``),
+``notebook`` (the deterministic set-up and machine-independent checks the notebooks share) and
+``stats`` (bootstrap intervals and paired comparisons over seeds).
 """
 
-from . import distributed, factors, geometry, linalg, lra, notebook, pairs, schedules, structure
+from . import (
+    distributed,
+    factors,
+    geometry,
+    linalg,
+    lra,
+    notebook,
+    pairs,
+    schedules,
+    stats,
+    structure,
+)
 from .geometry import GEOMETRIES
 from .lra import LRAPreconditioner
 from .optim import Kron, ParamInfo
@@ -33,5 +45,6 @@ __all__ = [
     "pairs",
     "precond_update_prob_schedule",
     "schedules",
+    "stats",
     "structure",
 ]
