@@ -4,12 +4,14 @@ Public API: ``Kron`` (the optimiser), ``precond_update_prob_schedule``, the prec
 ``KronPreconditioner``, ``DensePreconditioner`` and ``LRAPreconditioner`` (module ``lra``),
 ``GEOMETRIES`` and the primitive modules ``structure``, ``factors``, ``linalg``, ``geometry``,
 ``pairs``, ``schedules``, ``distributed`` (what ``Kron`` uses from ``torch.distributed``),
-``notebook`` (the deterministic set-up and machine-independent checks the notebooks share) and
+``notebook`` (the deterministic set-up and machine-independent checks the notebooks share),
+``experiment`` (seeded optimiser studies: self-extending lr grids, cached tidy results) and
 ``stats`` (bootstrap intervals and paired comparisons over seeds).
 """
 
 from . import (
     distributed,
+    experiment,
     factors,
     geometry,
     linalg,
@@ -35,6 +37,7 @@ __all__ = [
     "KronPreconditioner",
     "LRAPreconditioner",
     "distributed",
+    "experiment",
     "ParamInfo",
     "UpdateProbSchedule",
     "factors",
