@@ -4,11 +4,25 @@ Public API: the optimisers ``Kron``, ``LRA`` and ``Dense`` (one class per precon
 structure, the same arguments), ``precond_update_prob_schedule``, the preconditioners
 ``KronPreconditioner``, ``DensePreconditioner`` and ``LRAPreconditioner`` (module ``lra``),
 ``GEOMETRIES`` and the primitive modules ``structure``, ``factors``, ``linalg``, ``geometry``,
-``pairs``, ``schedules``, ``distributed`` (what ``Kron`` uses from ``torch.distributed``) and
-``notebook`` (the deterministic set-up and machine-independent checks the notebooks share).
+``pairs``, ``schedules``, ``distributed`` (what ``Kron`` uses from ``torch.distributed``),
+``notebook`` (the deterministic set-up and machine-independent checks the notebooks share),
+``experiment`` (seeded optimiser studies: self-extending lr grids, cached tidy results) and
+``stats`` (bootstrap intervals and paired comparisons over seeds).
 """
 
-from . import distributed, factors, geometry, linalg, lra, notebook, pairs, schedules, structure
+from . import (
+    distributed,
+    experiment,
+    factors,
+    geometry,
+    linalg,
+    lra,
+    notebook,
+    pairs,
+    schedules,
+    stats,
+    structure,
+)
 from .geometry import GEOMETRIES
 from .lra import LRAPreconditioner
 from .optim import LRA, Dense, Kron, ParamInfo
@@ -26,6 +40,7 @@ __all__ = [
     "LRA",
     "LRAPreconditioner",
     "distributed",
+    "experiment",
     "ParamInfo",
     "UpdateProbSchedule",
     "factors",
@@ -36,5 +51,6 @@ __all__ = [
     "pairs",
     "precond_update_prob_schedule",
     "schedules",
+    "stats",
     "structure",
 ]

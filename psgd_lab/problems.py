@@ -2,14 +2,18 @@
 
 - Kronecker-structured SPD Hessians (docs/maths.md §6): ``kron_problem``, ``hvp``, ``fit_error``;
 - an ill-conditioned Kronecker quadratic: ``kron_quadratic``;
-- a small real task: sklearn's bundled digits (``digits``) and an MLP for it (``mlp``).
+- a small real task: sklearn's bundled digits (``digits``) and an MLP for it (``mlp``);
+- ready tasks for ``psgd_lab.experiment`` (factories ``f(seed, **params) -> Trial``):
+  ``linear_regression`` (a second, in milliseconds) and ``digits_mlp``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
+import torch.nn.functional as F
 
 # name -> list of (size, is_diagonal); () is the scalar
 STRUCTURES = {
@@ -102,3 +106,69 @@ def mlp(sizes=(64, 64, 10), seed: int = 0) -> torch.nn.Module:
             if i < len(sizes) - 2:
                 layers.append(torch.nn.Tanh())
     return torch.nn.Sequential(*layers)
+
+
+# ---------------------------------------------------------------------------- experiment tasks
+
+
+def linear_regression(
+    seed: int, n: int = 512, d: int = 16, batch: int = 32, cond: float = 100.0, noise: float = 0.1
+):
+    """Least squares with a known answer, as an ``experiment.Trial``.
+
+    ``y = X w* + noise · ε`` with ``n`` fixed rows whose feature scales make the covariance
+    ``Σ = diag(s²)`` of condition ``cond`` (data from generator 0, the same for every seed);
+    ``nn.Linear(d, 1, bias=False)`` initialised from ``seed``; minibatches of ``batch`` rows drawn
+    from ``(seed, step)``; loss ½ mean squared error; metric the excess risk
+    ``(w − w*)ᵀ Σ (w − w*)``, 0 at the population optimum.
+    """
+    from .experiment import Trial, batch_generator
+
+    gen = torch.Generator().manual_seed(0)
+    scales = torch.logspace(0, -0.5 * math.log10(cond), d)
+    X = torch.randn(n, d, generator=gen) * scales
+    w_star = torch.randn(d, generator=gen)
+    y = X @ w_star + noise * torch.randn(n, generator=gen)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(d, 1, bias=False)
+
+    def rows(step: int):
+        idx = torch.randint(0, n, (batch,), generator=batch_generator(seed, step))
+        return X[idx], y[idx]
+
+    def loss(m, b):
+        return 0.5 * F.mse_loss(m(b[0]).squeeze(-1), b[1])
+
+    def excess_risk(m) -> float:
+        return float(((m.weight[0] - w_star) ** 2 * scales**2).sum())
+
+    return Trial(model, rows, loss, excess_risk)
+
+
+@functools.lru_cache(maxsize=4)
+def _digits(split_seed: int):
+    return digits(split_seed)  # read-only tensors, shared by the runs of one process
+
+
+def digits_mlp(seed: int, sizes=(64, 32, 10), batch: int = 64, split_seed: int = 0):
+    """sklearn's digits with a tanh MLP, as an ``experiment.Trial``: the split from
+    ``split_seed`` (the same for every seed), the MLP initialised from ``seed``, minibatches of
+    ``batch`` training images drawn from ``(seed, step)``; loss cross-entropy; metric the test
+    cross-entropy (nats)."""
+    from .experiment import Trial, batch_generator
+
+    X_train, y_train, X_test, y_test = _digits(split_seed)
+    model = mlp(tuple(sizes), seed)
+
+    def images(step: int):
+        idx = torch.randint(0, len(y_train), (batch,), generator=batch_generator(seed, step))
+        return X_train[idx], y_train[idx]
+
+    def loss(m, b):
+        return F.cross_entropy(m(b[0]), b[1])
+
+    def test_loss(m) -> float:
+        return F.cross_entropy(m(X_test), y_test).item()
+
+    return Trial(model, images, loss, test_loss)
