@@ -57,17 +57,28 @@ def _readme_examples() -> list[str]:
     return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
 
 
+def _readme_example(marker: str) -> str:
+    """The README's Python example containing ``marker`` (exactly one)."""
+    (code,) = [c for c in _readme_examples() if marker in c]
+    return code
+
+
 def test_readme_kron_example_trains(capsys):
-    exec(compile(_readme_examples()[0], "README.md", "exec"), {})
+    exec(compile(_readme_example("Kron(model.parameters()"), "README.md", "exec"), {})
     (line,) = capsys.readouterr().out.splitlines()
     assert float(line.split()[-1]) > 0.95
 
 
 def test_readme_primitives_example_runs_and_fits(capsys):
-    exec(compile(_readme_examples()[1], "README.md", "exec"), {})
+    exec(compile(_readme_example("KronPreconditioner("), "README.md", "exec"), {})
     dist, diag = capsys.readouterr().out.splitlines()
     assert float(re.search(r"tensor\(([^,]+),", dist).group(1)) < 1e-10
     assert diag == "(True, False)"
+
+
+def test_readme_structures_example_runs(capsys):
+    exec(compile(_readme_example("presets.make("), "README.md", "exec"), {})
+    assert "| `geometry` | `'Q0.5EQ1.5'` |" in capsys.readouterr().out
 
 
 def test_ci_fails_when_the_test_command_fails(tmp_path):
