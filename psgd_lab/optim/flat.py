@@ -1,5 +1,6 @@
 """``LRA`` and ``Dense``: PSGD with one preconditioner over all of a group's parameters, flattened
-into one vector of ``n`` entries (docs/maths.md §7 and §8), as ``torch.optim`` optimisers.
+into one vector of ``n`` entries (docs/maths.md §9; the structures §7 and §8), as
+``torch.optim`` optimisers.
 
 They take ``Kron``'s arguments where those apply and keep its conventions: momentum ``b1`` with
 bias correction, the update schedule and its deterministic decisions (``config.decide``),
