@@ -45,7 +45,10 @@ class KronPreconditioner:
             diagonal factors (docs/maths.md §4, ``psgd_lab.structure.diag_dims``).
         merge_dims: precondition ``ndim > 2`` tensors as kron-torch's merged 2-D shape; ``"flat"``:
             as one vector of ``numel`` entries (with ``diag=(False,)``: ``DensePreconditioner``).
-        lipschitz: ``"kron"`` (``L = ℓ``) or ``"ema"`` (``L <- max(β L + (1-β) ℓ, ℓ)``).
+        lipschitz: ``"kron"`` (``L = ℓ``), ``"ema"`` (``L <- max(β L + (1-β) ℓ, ℓ)``) or ``None``
+            (the default): ``"ema"`` for whitening updates (``v`` drawn), whose per-sample
+            ``L = ℓ`` biases the fixed point (docs/maths.md §3), and ``"kron"`` for updates given ``v`` (Newton pairs are
+            exact: ``L = ℓ`` converges linearly to round-off, the EMA's smaller steps do not).
         beta_L: the EMA factor for ``lipschitz="ema"``.
         damping: noise added to ``h`` before fitting; bounds ``P ≤ I/damping``. 0 disables it.
         dtype, device: of the factors.
@@ -63,7 +66,7 @@ class KronPreconditioner:
         memory_save_mode: str | None = None,
         max_skew: float = math.inf,
         merge_dims: bool | str = False,
-        lipschitz: str = "kron",
+        lipschitz: str | None = None,
         beta_L: float = 0.9,
         damping: float = 1e-9,
         dtype: torch.dtype = torch.float32,
@@ -72,7 +75,8 @@ class KronPreconditioner:
         diag: Sequence[bool] | None = None,
     ):
         geo.check_geometry(geometry)
-        geo.check_lipschitz(lipschitz)
+        if lipschitz is not None:
+            geo.check_lipschitz(lipschitz)
         if not (isinstance(dtype, torch.dtype) and (dtype.is_floating_point or dtype.is_complex)):
             raise TypeError(f"dtype must be a floating-point or complex torch.dtype; got {dtype}")
         if init_scale is not None:
@@ -159,7 +163,8 @@ class KronPreconditioner:
         if v is not None:
             v = self._check("v", v).unsqueeze(0)
         record = geo.get(self.geometry)
-        norm_bound = geo.default_norm_bound(self.lipschitz)
+        lipschitz = self.lipschitz or ("ema" if v is None else "kron")
+        norm_bound = geo.default_norm_bound(lipschitz)
         draws = draw(
             self.plan,
             record.starts(self.plan, norm_bound),
@@ -184,7 +189,7 @@ class KronPreconditioner:
             v,
             draws,
             lr=lr,
-            lipschitz=self.lipschitz,
+            lipschitz=lipschitz,
             beta_L=self.beta_L,
             norm_bound=norm_bound,
             damping=self.damping,

@@ -134,3 +134,25 @@ def test_lipschitz_state(lipschitz):
         if lipschitz == "ema":
             assert all(n >= 0.9 * p - 1e-12 for n, p in zip(now, prev))
         prev = now
+
+
+WHITEN_RULES = ["QEQ", "QEP", "Q0.5EQ1.5", "QUAD", "PRO4P", "QUAD4P"]
+
+
+@pytest.mark.parametrize("structure", ["scalar", "dense"])
+@pytest.mark.parametrize("geometry", WHITEN_RULES)
+def test_default_whitening_fit_is_unbiased(structure, geometry):
+    """``KronPreconditioner``'s defaults (``lipschitz=None``: the EMA for whitening updates) fit
+    ``P g ≈ v`` for ``g = H v`` at a fixed lr 0.1 without the per-sample normalisation's bias.
+    Measured, worst of 3 seeds after 4,000 updates: default 0.11-0.26 (the stochastic floor of a
+    fixed lr), ``lipschitz="kron"`` 0.28-1.07 (scalar: ~1.0, the bias). Bound 0.3."""
+    shape, diag, H, _ = kron_problem(structure, 0)
+    pre = KronPreconditioner(shape, geometry=geometry, diag=diag, dtype=torch.float64, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4000):
+        pre.update(hvp(H, torch.randn(shape, generator=gen, dtype=torch.float64)), lr=0.1)
+    v = torch.randn((256, *shape), generator=gen, dtype=H.dtype)
+    g = (v.reshape(256, -1) @ H.T).reshape(v.shape)
+    Pg = torch.stack([pre.precondition(x) for x in g])
+    rel = (torch.linalg.vector_norm(Pg - v) / torch.linalg.vector_norm(v)).item()
+    assert rel < 0.3, rel

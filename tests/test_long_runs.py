@@ -91,3 +91,27 @@ def test_kron_trains_long_without_divergence(precond_dtype, steps):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert all(torch.isfinite(q).all() for st in opt.state.values() for q in st["Q"])
     assert final < 0.05, final
+
+
+@pytest.mark.parametrize("steps", [pytest.param(100_000, marks=SOAK)])  # ~1 min: soak only
+def test_ill_conditioned_newton_fit_in_float32(steps):
+    """``H = diag(logspace(-2, 2, 16)) ⊗ diag(logspace(-1, 1, 12))`` (condition 1e6), Newton pairs,
+    ``Q0.5EQ1.5`` at lr 0.1 in float32 under the reference's settings (EMA Lipschitz estimate,
+    ``damping=1e-9``). The relative error ``‖P H v − v‖/‖v‖`` (256 probes) reaches a round-off
+    floor and wanders on it: measured at every 20,000th of 100,000 updates 0.16, 0.08, 0.12,
+    0.20, 0.17 (mean 0.15; the reference's own functions were measured at 0.14 after 100,000), and
+    with kron-torch's per-sample normalisation 0.23, 0.17, 0.23, 0.35, 0.24. Bound on the mean of
+    five checkpoints over the run: 0.25."""
+    H = torch.kron(torch.diag(torch.logspace(-2, 2, 16)), torch.diag(torch.logspace(-1, 1, 12)))
+    pre = KronPreconditioner((16, 12), geometry="Q0.5EQ1.5", lipschitz="ema", seed=0)
+    gen = torch.Generator().manual_seed(1)
+    V = torch.randn(256, 192, generator=torch.Generator().manual_seed(9))
+    errors = []
+    for i in range(steps):
+        v = torch.randn(16, 12, generator=gen)
+        pre.update((H @ v.reshape(-1)).reshape(16, 12), v, lr=0.1)
+        if (i + 1) % (steps // 5) == 0:
+            PHv = torch.stack([pre.precondition(x.reshape(16, 12)).reshape(-1) for x in V @ H.T])
+            errors.append(((PHv - V).norm() / V.norm()).item())
+    assert all(math.isfinite(e) for e in errors)
+    assert sum(errors) / len(errors) < 0.25, errors

@@ -368,7 +368,7 @@ class Dense(_Flat):
     Arguments as ``Kron`` where they apply. Defaults that differ from ``Kron``'s, because there
     is no kron-torch behaviour to keep here: ``geometry="Q0.5EQ1.5"`` and ``lipschitz="ema"``
     (the reference's ``DenseNewton``; the EMA normalisation fits the whitening target without
-    the bias of kron-torch's per-sample one, docs/maths.md §5.5), and ``damping=1e-9``.
+    the bias of kron-torch's per-sample one, docs/maths.md §3), and ``damping=1e-9``.
     """
 
     structure = "dense"
