@@ -47,8 +47,9 @@ class KronPreconditioner:
             as one vector of ``numel`` entries (with ``diag=(False,)``: ``DensePreconditioner``).
         lipschitz: ``"kron"`` (``L = ℓ``), ``"ema"`` (``L <- max(β L + (1-β) ℓ, ℓ)``) or ``None``
             (the default): ``"ema"`` for whitening updates (``v`` drawn), whose per-sample
-            ``L = ℓ`` biases the fixed point (docs/maths.md §3), and ``"kron"`` for updates given ``v`` (Newton pairs are
-            exact: ``L = ℓ`` converges linearly to round-off, the EMA's smaller steps do not).
+            ``L = ℓ`` biases the fixed point (docs/maths.md §3), and ``"kron"`` for updates
+            given ``v`` (Newton pairs are exact: ``L = ℓ`` converges linearly to round-off, the
+            EMA's smaller steps do not).
         beta_L: the EMA factor for ``lipschitz="ema"``.
         damping: noise added to ``h`` before fitting; bounds ``P ≤ I/damping``. 0 disables it.
         dtype, device: of the factors.
