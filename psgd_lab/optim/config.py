@@ -58,14 +58,27 @@ def check_options(*, mode, hvp, nonfinite, kernel, seed, precond_cache, compile,
         dist_.require_process_group(distributed)
 
 
-def check_group(g: dict) -> None:
-    """Validate one group's hyperparameters; ``ValueError`` naming the argument."""
+def check_step_settings(g: dict) -> None:
+    """The settings every psgd_lab optimiser shares (``Kron``, ``LRA``, ``Dense``): ``lr``,
+    ``b1``, ``weight_decay``, the schedule, ``precond_lr``, ``precond_init_scale``, ``beta_L`` and
+    the clip; ``ValueError`` naming the argument."""
     check_number("lr", g["lr"], 0, math.inf)
     check_number("b1", g["b1"], 0, 1, hi_open=True)
     check_number("weight_decay", g["weight_decay"], 0, math.inf)
     prob = g["preconditioner_update_probability"]
     if not callable(prob):
         check_number("preconditioner_update_probability", prob, 0, 1, lo_open=True)
+    check_number("precond_lr", g["precond_lr"], 0, math.inf, lo_open=True)
+    if g["precond_init_scale"] is not None:
+        scale = g["precond_init_scale"]
+        check_number("precond_init_scale", scale, 0, math.inf, lo_open=True, hi_open=True)
+    check_number("beta_L", g["beta_L"], 0, 1, hi_open=True)
+    check_clip(g.get("clip", "tensor"), g.get("clip_max_amp", 1.1))
+
+
+def check_group(g: dict) -> None:
+    """Validate one ``Kron`` group's hyperparameters; ``ValueError`` naming the argument."""
+    check_step_settings(g)
     check_number("max_size_triangular", g["max_size_triangular"], 0, math.inf)
     mnt = g["min_ndim_triangular"]
     if isinstance(mnt, bool) or not isinstance(mnt, int) or mnt < 0:
@@ -74,10 +87,6 @@ def check_group(g: dict) -> None:
     for name in ("momentum_into_precond_update", "merge_dims"):
         if not isinstance(g[name], bool):
             raise ValueError(f"{name} must be True or False; got {g[name]!r}")
-    check_number("precond_lr", g["precond_lr"], 0, math.inf, lo_open=True)
-    if g["precond_init_scale"] is not None:
-        scale = g["precond_init_scale"]
-        check_number("precond_init_scale", scale, 0, math.inf, lo_open=True, hi_open=True)
     for name in ("mu_dtype", "precond_dtype"):
         dt, kind = g[name], "floating-point or complex"
         ok = dt is None or (isinstance(dt, torch.dtype) and (dt.is_floating_point or dt.is_complex))
@@ -94,10 +103,8 @@ def check_group(g: dict) -> None:
     if g["damping"] is not None:
         check_number("damping", g["damping"], 0, math.inf, hi_open=True)
     geo.check_lipschitz(g["lipschitz"])
-    check_number("beta_L", g["beta_L"], 0, 1, hi_open=True)
     if g["precond_budget"] is not None:
         check_number("precond_budget", g["precond_budget"], 0, math.inf, lo_open=True)
-    check_clip(g.get("clip", "tensor"), g.get("clip_max_amp", 1.1))
 
 
 CLIPS = ("tensor", "global", None)

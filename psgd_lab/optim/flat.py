@@ -29,7 +29,7 @@ from ..preconditioner import DensePreconditioner
 from ..schedules import precond_update_prob_schedule
 from . import newton
 from .checkpoint import copy_to
-from .config import CLIPS, MODES, NONFINITE, check_choice, check_number, decide
+from .config import CLIPS, MODES, NONFINITE, check_choice, check_number, check_step_settings, decide
 from .kernels import apply_updates, clip_global
 from .streams import LazyCount, stream_seed
 
@@ -296,19 +296,8 @@ def _layout(group: dict) -> tuple[torch.dtype, torch.device, torch.dtype]:
 
 
 def _check_group(g: dict) -> None:
-    check_number("lr", g["lr"], 0, math.inf)
-    check_number("b1", g["b1"], 0, 1, hi_open=True)
-    check_number("weight_decay", g["weight_decay"], 0, math.inf)
-    prob = g["preconditioner_update_probability"]
-    if not callable(prob):
-        check_number("preconditioner_update_probability", prob, 0, 1, lo_open=True)
-    check_number("precond_lr", g["precond_lr"], 0, math.inf, lo_open=True)
-    if g["precond_init_scale"] is not None:
-        check_number("precond_init_scale", g["precond_init_scale"], 0, math.inf, lo_open=True)
+    check_step_settings(g)
     check_number("damping", g["damping"], 0, math.inf, hi_open=True)
-    check_number("beta_L", g["beta_L"], 0, 1, hi_open=True)
-    check_choice("clip", g["clip"], CLIPS)
-    check_number("clip_max_amp", g["clip_max_amp"], 0, math.inf, lo_open=True)
     for name in ("mu_dtype", "precond_dtype"):
         dt = g[name]
         if dt is not None and not (isinstance(dt, torch.dtype) and dt.is_floating_point):
