@@ -92,7 +92,13 @@ PRESETS: dict[str, Preset] = {
         Dense,
         dict(_REFERENCE, lr=0.01, geometry="Q0.5EQ1.5", lipschitz="ema", mode="newton"),
         "psgd_torch psgd.py, DenseNewton(...) defaults (exact Hessian-vector products)",
-        (_MOMENTUM, _COIN),
+        (
+            _MOMENTUM,
+            _COIN,
+            "the reference's DenseNewton normalises each step by |a|^2 + |v|^2, an upper bound "
+            "of the norm of the rank-2 term a a^T + v v^T; psgd_lab's dense rules are Kron's, "
+            "normalised by an estimate of that norm itself, so its steps are up to 2x larger",
+        ),
     ),  # fmt: skip
 }
 
