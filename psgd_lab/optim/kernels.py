@@ -304,6 +304,10 @@ def grouped_step(items: Sequence[Item], hy: Hyper, *, do_update: bool, prob: flo
     copied back into each tensor's state with ``torch._foreach_copy_``. ``cache``: per chunk of
     tensors, the ``P_i`` kept between calls."""
     out: dict[int, tuple[Tensor, Tensor]] = {}
+    if do_update:  # kept P_i of any chunk holding a tensor fit now are stale (a chunk's
+        ids = {id(it.p) for it in items}  # members change with missing gradients)
+        for k in [k for k in cache if not ids.isdisjoint(k)]:
+            del cache[k]
     for part in chunks(items):
         sts, fshape = [it.state for it in part], part[0].plan.shape
         key, keep = tuple(id(it.p) for it in part), cached_dims(part[0].plan, prob)
