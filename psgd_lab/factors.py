@@ -50,20 +50,25 @@ def init_factors(
     ]
 
 
-def _batch_mean(x: Tensor) -> Tensor:
-    return x.reshape(x.shape[0], -1).mean(dim=1)
+def batch_mean(x: Tensor, numel: Tensor | None = None) -> Tensor:
+    """Per tensor of the stack, the mean of its entries; ``numel``: of a zero-padded stack of
+    vectors, each one's length (its sum over the real entries divided by it)."""
+    flat = x.reshape(x.shape[0], -1)
+    return flat.mean(dim=1) if numel is None else flat.sum(dim=1) / numel
 
 
-def data_scale(h: Tensor, v: Tensor | None, damping: float, k: int, fits_p: bool) -> Tensor:
+def data_scale(h: Tensor, v: Tensor | None, damping: float, k: int, fits_p: bool,
+               numel: Tensor | None = None) -> Tensor:  # fmt: skip
     """Per tensor of the stack ``h`` (shape ``(B,)``), what each of the ``k`` factors is multiplied
     by to take ``Q = I`` to the data-driven scale of docs/maths.md §4 (squared for factors of
     ``P``):
     whitening ``(mean|h|⁴ + damping⁴)^(-1/8)``, Newton times ``(mean|v|²)^(1/4)``. Finite even for
-    ``h = 0`` (the damping is floored at 1e-30); computed in float64, no host sync."""
+    ``h = 0`` (the damping is floored at 1e-30); computed in float64, no host sync. ``numel``: see
+    ``batch_mean``."""
     damping = max(damping, 1e-30)
-    s = (_batch_mean(h.abs().double().pow(4)) + damping**4).pow(-0.125)
+    s = (batch_mean(h.abs().double().pow(4), numel) + damping**4).pow(-0.125)
     if v is not None:
-        s = s * _batch_mean(v.abs().double().square()).pow(0.25)
+        s = s * batch_mean(v.abs().double().square(), numel).pow(0.25)
     if fits_p:
         s = s * s
     return s.pow(1.0 / max(k, 1))

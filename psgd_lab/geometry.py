@@ -315,14 +315,22 @@ def fit(
     beta_L: float = 0.9,
     norm_bound: str | None = None,
     damping: float | str = "kron",
+    numel: Tensor | None = None,
 ) -> None:
     """One preconditioner update from a stacked pair, the path ``Kron`` and
     ``KronPreconditioner`` share: whitening (``v is None``: ``h`` is a gradient; ``draws.v`` is
     the probe, passed to the rule only where it cannot be integrated out) or Newton (``h = H v``);
-    ``h`` damped first (``pairs.damped``); then the rule with ``draws.starts``."""
+    ``h`` damped first (``pairs.damped``); then the rule with ``draws.starts``.
+
+    ``numel``: ``(B,)`` lengths of a stack of vectors zero-padded to a common length (``h``, ``v``
+    and the draws 0 past each length; each diagonal factor's padding a copy of its own entries,
+    see ``psgd_lab.optim.padding``); the damping's mean is taken over each real length. The rules
+    need nothing else: for a vector ``numel/d`` is 1, padded or not."""
+    if numel is not None and h.dim() != 2:
+        raise ValueError(f"numel is for stacks of vectors (B, D); got a stack of shape {h.shape}")
     record = geometry if isinstance(geometry, Geometry) else get(geometry)
     probe = v if v is not None else draws.v
     v_rule = v if v is not None else (probe if record.needs_v else None)
-    h = damped(h, damping, probe, draws.noise)
+    h = damped(h, damping, probe, draws.noise, numel)
     update(record, Q, L, v_rule, h, lr=lr, lipschitz=lipschitz, beta_L=beta_L,
            norm_bound=norm_bound, starts=draws.starts)  # fmt: skip
