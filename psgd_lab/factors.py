@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .linalg import narrow_mm, self_gram, solve_triangular_lowp, triu_gram, triu_h_mm, triu_mm
+from .linalg import mm, narrow_mm, self_gram, solve_triangular_lowp, triu_gram, triu_h_mm, triu_mm
 from .structure import KronPlan
 
 MAX_MATRIX_SIZE = 4096
@@ -95,7 +95,7 @@ def apply_one(q: Tensor, i: int, X: Tensor) -> Tensor:
     if a == 1:
         return narrow_mm(q, X.reshape(B, d, b)).reshape(X.shape)
     if b == 1:
-        return (X.reshape(B, a, d) @ q.mT).reshape(X.shape)
+        return mm(X.reshape(B, a, d), q.mT).reshape(X.shape)
     return torch.einsum("bij,bajc->baic", q, X.reshape(B, a, d, b)).reshape(X.shape)
 
 
@@ -157,9 +157,9 @@ def gram(i: int, X: Tensor, Y: Tensor) -> Tensor:
     but ``i`` (docs/maths.md §1); ``(B, d, d)``, or ``(B, d)`` with ``diag`` (only its diagonal)."""
     B, a, d, b = _axes(X, i)
     if a == 1:
-        return X.reshape(B, d, b) @ Y.reshape(B, d, b).mH
+        return mm(X.reshape(B, d, b), Y.reshape(B, d, b).mH)
     if b == 1:
-        return X.reshape(B, a, d).mT @ Y.reshape(B, a, d).conj()
+        return mm(X.reshape(B, a, d).mT, Y.reshape(B, a, d).conj())
     return torch.einsum("baic,bajc->bij", X.reshape(B, a, d, b), Y.reshape(B, a, d, b).conj())
 
 
