@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .linalg import narrow_mm, self_gram, solve_triangular_lowp, triu_gram, triu_h_mm, triu_mm
+from .linalg import mm, narrow_mm, self_gram, solve_triangular_lowp, triu_gram, triu_h_mm, triu_mm
 from .structure import KronPlan
 
 MAX_MATRIX_SIZE = 4096
@@ -50,20 +50,25 @@ def init_factors(
     ]
 
 
-def _batch_mean(x: Tensor) -> Tensor:
-    return x.reshape(x.shape[0], -1).mean(dim=1)
+def batch_mean(x: Tensor, numel: Tensor | None = None) -> Tensor:
+    """Per tensor of the stack, the mean of its entries; ``numel``: of a zero-padded stack of
+    vectors, each one's length (its sum over the real entries divided by it)."""
+    flat = x.reshape(x.shape[0], -1)
+    return flat.mean(dim=1) if numel is None else flat.sum(dim=1) / numel
 
 
-def data_scale(h: Tensor, v: Tensor | None, damping: float, k: int, fits_p: bool) -> Tensor:
+def data_scale(h: Tensor, v: Tensor | None, damping: float, k: int, fits_p: bool,
+               numel: Tensor | None = None) -> Tensor:  # fmt: skip
     """Per tensor of the stack ``h`` (shape ``(B,)``), what each of the ``k`` factors is multiplied
     by to take ``Q = I`` to the data-driven scale of docs/maths.md §4 (squared for factors of
     ``P``):
     whitening ``(mean|h|⁴ + damping⁴)^(-1/8)``, Newton times ``(mean|v|²)^(1/4)``. Finite even for
-    ``h = 0`` (the damping is floored at 1e-30); computed in float64, no host sync."""
+    ``h = 0`` (the damping is floored at 1e-30); computed in float64, no host sync. ``numel``: see
+    ``batch_mean``."""
     damping = max(damping, 1e-30)
-    s = (_batch_mean(h.abs().double().pow(4)) + damping**4).pow(-0.125)
+    s = (batch_mean(h.abs().double().pow(4), numel) + damping**4).pow(-0.125)
     if v is not None:
-        s = s * _batch_mean(v.abs().double().square()).pow(0.25)
+        s = s * batch_mean(v.abs().double().square(), numel).pow(0.25)
     if fits_p:
         s = s * s
     return s.pow(1.0 / max(k, 1))
@@ -90,7 +95,7 @@ def apply_one(q: Tensor, i: int, X: Tensor) -> Tensor:
     if a == 1:
         return narrow_mm(q, X.reshape(B, d, b)).reshape(X.shape)
     if b == 1:
-        return (X.reshape(B, a, d) @ q.mT).reshape(X.shape)
+        return mm(X.reshape(B, a, d), q.mT).reshape(X.shape)
     return torch.einsum("bij,bajc->baic", q, X.reshape(B, a, d, b)).reshape(X.shape)
 
 
@@ -152,9 +157,9 @@ def gram(i: int, X: Tensor, Y: Tensor) -> Tensor:
     but ``i`` (docs/maths.md §1); ``(B, d, d)``, or ``(B, d)`` with ``diag`` (only its diagonal)."""
     B, a, d, b = _axes(X, i)
     if a == 1:
-        return X.reshape(B, d, b) @ Y.reshape(B, d, b).mH
+        return mm(X.reshape(B, d, b), Y.reshape(B, d, b).mH)
     if b == 1:
-        return X.reshape(B, a, d).mT @ Y.reshape(B, a, d).conj()
+        return mm(X.reshape(B, a, d).mT, Y.reshape(B, a, d).conj())
     return torch.einsum("baic,bajc->bij", X.reshape(B, a, d, b), Y.reshape(B, a, d, b).conj())
 
 

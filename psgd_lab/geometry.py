@@ -35,7 +35,14 @@ from .factors import (
     is_dense,
     solve_qh,
 )
-from .linalg import SUBSPACE_ROWS, norm_lower_bound, procrustes_step, procrustes_until, triu_matmul
+from .linalg import (
+    SUBSPACE_ROWS,
+    mm,
+    norm_lower_bound,
+    procrustes_step,
+    procrustes_until,
+    triu_matmul,
+)
 from .pairs import Draws, damped
 from .structure import KronPlan
 
@@ -102,7 +109,8 @@ def default_norm_bound(lipschitz: str, norm_bound: str | None = None) -> str:
 
 def _s(x: Tensor, q: Tensor) -> Tensor:
     """A per-tensor ``(B,)`` value shaped to broadcast against the stacked factor ``q``."""
-    return x.reshape(x.shape + (1,) * (q.dim() - 1)).to(q.dtype)
+    x = x.reshape(x.shape + (1,) * (q.dim() - 1))
+    return x if x.dtype == q.dtype else x.to(q.dtype)
 
 
 def _c(h: Tensor, i: int) -> float:
@@ -138,12 +146,12 @@ def _step(ell: Tensor, L_i: Tensor, lr: float, lipschitz: str, beta_L: float) ->
     A non-finite ``ℓ`` (the pair overflowed, e.g. gradients of 1e30 in float32) gives step 0 and
     leaves ``L_i`` alone, without a host sync: the factor is left unchanged by that pair.
     """
-    ell = ell.to(L_i.dtype)
+    ell = ell if ell.dtype == L_i.dtype else ell.to(L_i.dtype)
     ok = torch.isfinite(ell)
     new = torch.maximum(beta_L * L_i + (1 - beta_L) * ell, ell) if lipschitz == "ema" else ell
     L_i.copy_(torch.where(ok, new, L_i))
     step = lr / L_i.clamp(min=torch.finfo(L_i.dtype).tiny)
-    return torch.where(ok, step, torch.zeros_like(step))
+    return torch.where(ok, step, 0.0)
 
 
 def step_size(T1, T2, L_i, q, lr, lipschitz, beta_L, norm_bound, start) -> Tensor:
@@ -194,7 +202,7 @@ def update_qeq(Q, L, v, h, *, lr, lipschitz, beta_L, norm_bound, starts) -> None
     for i, q, T1, T2 in terms(Q, v, h, fits_p=False):
         s = step_size(T1, T2, L[i], q, lr, lipschitz, beta_L, norm_bound, starts[i])
         E = difference(T1, T2)
-        q.addcmul_(q @ E if is_dense(q) else E.mul_(q), s, value=-1)
+        q.addcmul_(mm(q, E) if is_dense(q) else E.mul_(q), s, value=-1)
 
 
 def _eq_then_procrustes(Q, L, v, h, *, fits_p, lr, lipschitz, beta_L, norm_bound, starts):
@@ -203,7 +211,7 @@ def _eq_then_procrustes(Q, L, v, h, *, fits_p, lr, lipschitz, beta_L, norm_bound
         s = step_size(T1, T2, L[i], q, lr, lipschitz, beta_L, norm_bound, starts[i])
         E = difference(T1, T2)
         if is_dense(q):
-            q.addcmul_(E @ q, s, value=-1)
+            q.addcmul_(mm(E, q), s, value=-1)
             procrustes_until(q) if fits_p else procrustes_step(q)
         else:
             q.mul_(E.mul_(s).neg_().add_(1))
@@ -261,7 +269,7 @@ def update_qep(Q, L, v, h, *, lr, lipschitz, beta_L, norm_bound, starts) -> None
             T2 = _c(h, i) * (q @ q.mH if dense else q * q.conj())
         s = step_size(T1, T2, L[i], q, lr, lipschitz, beta_L, norm_bound, starts[i])
         E = difference(T1, T2)
-        q.addcmul_(E @ q if dense else E.mul_(q), s, value=-1)
+        q.addcmul_(mm(E, q) if dense else E.mul_(q), s, value=-1)
 
 
 for _g in (
@@ -315,14 +323,22 @@ def fit(
     beta_L: float = 0.9,
     norm_bound: str | None = None,
     damping: float | str = "kron",
+    numel: Tensor | None = None,
 ) -> None:
     """One preconditioner update from a stacked pair, the path ``Kron`` and
     ``KronPreconditioner`` share: whitening (``v is None``: ``h`` is a gradient; ``draws.v`` is
     the probe, passed to the rule only where it cannot be integrated out) or Newton (``h = H v``);
-    ``h`` damped first (``pairs.damped``); then the rule with ``draws.starts``."""
+    ``h`` damped first (``pairs.damped``); then the rule with ``draws.starts``.
+
+    ``numel``: ``(B,)`` lengths of a stack of vectors zero-padded to a common length (``h``, ``v``
+    and the draws 0 past each length; each diagonal factor's padding a copy of its own entries,
+    see ``psgd_lab.optim.padding``); the damping's mean is taken over each real length. The rules
+    need nothing else: for a vector ``numel/d`` is 1, padded or not."""
+    if numel is not None and h.dim() != 2:
+        raise ValueError(f"numel is for stacks of vectors (B, D); got a stack of shape {h.shape}")
     record = geometry if isinstance(geometry, Geometry) else get(geometry)
     probe = v if v is not None else draws.v
     v_rule = v if v is not None else (probe if record.needs_v else None)
-    h = damped(h, damping, probe, draws.noise)
+    h = damped(h, damping, probe, draws.noise, numel)
     update(record, Q, L, v_rule, h, lr=lr, lipschitz=lipschitz, beta_L=beta_L,
            norm_bound=norm_bound, starts=draws.starts)  # fmt: skip

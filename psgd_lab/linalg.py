@@ -23,10 +23,20 @@ def _real(dtype: torch.dtype) -> torch.dtype:
     return torch.empty((), dtype=dtype).real.dtype
 
 
+def mm(A: Tensor, B: Tensor) -> Tensor:
+    """``A @ B``; for two stacks of one batch dim, ``torch.bmm`` itself (the same kernel without
+    ``matmul``'s expand and reshape dispatches, half of a small product's cost)."""
+    if A.dim() == 3 == B.dim() and A.shape[0] == B.shape[0]:
+        return torch.bmm(A, B)
+    return A @ B
+
+
 def sq_norm(x: Tensor, dim, keepdim: bool = False) -> Tensor:
     """``Σ |x|²`` over ``dim``: ``torch.linalg.vector_norm(x, dim=...)²`` without its slow CPU
     reduction (over 10x slower on a 1024 x 1024 matrix here). Callers scale ``x`` first where
     the squares could overflow."""
+    if not x.is_complex():  # two dispatches fewer: they are most of the cost on small stacks
+        return (x * x).sum(dim=dim, keepdim=keepdim)
     return (x * x.conj()).real.sum(dim=dim, keepdim=keepdim)
 
 
@@ -36,8 +46,9 @@ def norm(x: Tensor, dim, keepdim: bool = False) -> Tensor:
 
 
 def _max_abs(A: Tensor) -> Tensor:
-    """``max|A|`` per matrix; for a real ``A`` from its max and min, without an ``|A|`` copy."""
-    if A.is_complex():
+    """``max|A|`` per matrix; for a large real ``A`` from its max and min, without an ``|A|``
+    copy (a small one's copy costs less than two more dispatches)."""
+    if A.is_complex() or A.shape[-1] <= _LEAF:
         return A.abs().amax(dim=(-2, -1))
     return torch.maximum(A.amax(dim=(-2, -1)), -A.amin(dim=(-2, -1)))
 
@@ -52,12 +63,14 @@ def norm_lower_bound_power(A: Tensor) -> Tensor:
     one); for any other ``A`` the result is still a lower bound.
     """
     max_abs = _max_abs(A)
-    As = A / max_abs.clamp(min=_tiny(max_abs.dtype))[..., None, None].to(A.dtype)
+    As = A / max_abs.clamp(min=_tiny(max_abs.dtype)).to(A.dtype)[..., None, None]
     j = torch.linalg.vector_norm(As, dim=-1).argmax(dim=-1)
-    c = torch.take_along_dim(As, j[..., None, None].expand(*As.shape[:-2], 1, As.shape[-1]), -2)
-    y = As.mH @ c.mH  # Aᴴ times the row's conjugate: for a Hermitian A, its column
-    y = y / norm(y, (-2, -1), keepdim=True).clamp(min=_tiny(max_abs.dtype))
-    return norm(As @ y, (-2, -1)) * max_abs
+    c = torch.take_along_dim(As, j[..., None, None], -2)  # the row, (..., 1, d)
+    # as rows: x = c A is yᴴ for y = Aᴴ cᴴ (for a Hermitian A, the row's column), and x Aᴴ is
+    # (A y)ᴴ; entries stay below d² (A is scaled to max 1), so nothing overflows unnormalised
+    x = mm(c, As)
+    tiny = _tiny(max_abs.dtype)
+    return norm(mm(x, As.mH), (-2, -1)) / norm(x, (-2, -1)).clamp(min=tiny) * max_abs
 
 
 def norm_lower_bound_subspace(A: Tensor, start: Tensor, half_iters: int = 2) -> Tensor:
@@ -135,6 +148,8 @@ def solve_triangular_lowp(U: Tensor, X: Tensor, *, upper: bool, left: bool) -> T
     """``torch.linalg.solve_triangular`` computed in at least float32 (it refuses bf16/fp16) and
     returned in ``X``'s dtype."""
     work = torch.promote_types(torch.promote_types(U.dtype, X.dtype), torch.float32)
+    if U.dtype == X.dtype == work:  # the usual case: no conversions to dispatch
+        return torch.linalg.solve_triangular(U, X, upper=upper, left=left)
     out = torch.linalg.solve_triangular(U.to(work), X.to(work), upper=upper, left=left)
     return out.to(X.dtype)
 
@@ -156,8 +171,8 @@ def narrow_mm(A: Tensor, X: Tensor) -> Tensor:
     written as rows times a matrix, ``(Xᵀ Aᵀ)ᵀ``, and 7-25x slower when ``A`` is a transposed view
     (``Qᴴ X``): measured at d = 1024-8192. The result is the transposed view of that product."""
     if X.shape[-1] <= _NARROW and X.dim() == 3:
-        return (X.mT @ A.mT).mT
-    return A @ X
+        return mm(X.mT, A.mT).mT
+    return mm(A, X)
 
 
 def triu_matmul(A: Tensor, B: Tensor, out: Tensor | None = None) -> Tensor:
@@ -165,7 +180,7 @@ def triu_matmul(A: Tensor, B: Tensor, out: Tensor | None = None) -> Tensor:
     written into ``out`` (one allocation for the whole recursion)."""
     d = A.shape[-1]
     if d <= _LEAF:
-        return A @ B if out is None else out.copy_(A @ B)
+        return mm(A, B) if out is None else out.copy_(mm(A, B))
     if out is None:
         out = torch.empty_like(B)
     k = d // 2

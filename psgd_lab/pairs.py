@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .factors import batch_mean
 from .structure import KronPlan
 
 HVP_METHODS = ("autograd", "finite_difference")
@@ -43,10 +44,10 @@ def damp(h: Tensor, damping: float, noise: Tensor) -> Tensor:
     return h + (damping + eps * h.abs()) * noise
 
 
-def kron_torch_damp(h: Tensor, v: Tensor) -> Tensor:
+def kron_torch_damp(h: Tensor, v: Tensor, numel: Tensor | None = None) -> Tensor:
     """kron-torch's damping, per tensor of the stack: ``h + max(sqrt(eps_f32)·mean|h|, 1e-20)·v``
-    with the pair's own probe ``v``."""
-    mean = h.abs().reshape(h.shape[0], -1).mean(dim=1)
+    with the pair's own probe ``v`` (``numel``: see ``factors.batch_mean``)."""
+    mean = batch_mean(h.abs(), numel)
     return torch.addcmul(h, v, _per_tensor((SQRT_EPS_F32 * mean).clamp(min=KRON_DAMP_FLOOR), h))
 
 
@@ -98,11 +99,12 @@ def draw(
     )
 
 
-def damped(h: Tensor, damping: float | str, probe: Tensor | None, noise: Tensor | None) -> Tensor:
+def damped(h: Tensor, damping: float | str, probe: Tensor | None, noise: Tensor | None,
+           numel: Tensor | None = None) -> Tensor:  # fmt: skip
     """``h`` with its damping: ``"kron"`` (kron-torch's, relative, with the pair's probe), a
-    float ``λ > 0`` (independent noise), or 0 (none)."""
+    float ``λ > 0`` (independent noise), or 0 (none). ``numel``: see ``factors.batch_mean``."""
     if damping == "kron":
-        return kron_torch_damp(h, probe)
+        return kron_torch_damp(h, probe, numel)
     if damping > 0:
         return damp(h, damping, noise)
     return h

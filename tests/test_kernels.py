@@ -30,8 +30,11 @@ def update_eq_full(Q, L, v, h, *, lr, lipschitz, beta_L, norm_bound, starts) -> 
 
 geometry.register(geometry.Geometry("EQ-full", update_eq_full, summary="dQ = E Q, E full"))
 NAMES = list(geometry.REGISTRY)
-SHAPES = [(), (7,), (7,), (5, 6), (5, 6), (5, 6), (4, 3, 2, 2), (9, 4)]
-MISSING, POISONED = 7, 4  # (9, 4) loses its gradient at some steps; a (5, 6) gets NaN/Inf/zeros
+# the scalar and the vectors of four lengths share one zero-padded stack (optim.padding)
+SHAPES = [(), (7,), (7,), (5, 6), (5, 6), (5, 6), (4, 3, 2, 2), (9, 4), (33,), (40,), (130,)]
+MISSING = (7, 9)  # (9, 4) and a vector lose their gradient at some steps
+POISONED = (4, 8)  # a (5, 6) and a vector get NaN/Inf/zeros
+PADDED = [i for i, s in enumerate(SHAPES) if len(s) <= 1]
 
 
 def _poison(t: int, g: torch.Tensor) -> torch.Tensor:
@@ -54,8 +57,9 @@ def _run(kernel, geometry_name, mode, dtype, steps=50):
         else:
             for i, p in enumerate(ps):
                 g = torch.randn(p.shape, generator=gen, dtype=dtype)
-                p.grad = None if i == MISSING and t % 5 == 2 else g
-            ps[POISONED].grad = _poison(t, ps[POISONED].grad) if t % 7 == 3 else ps[POISONED].grad
+                p.grad = None if i in MISSING and t % 5 == 2 else g
+            for i in POISONED:
+                ps[i].grad = _poison(t, ps[i].grad) if t % 7 == 3 else ps[i].grad
             opt.step()
         history.append([p.detach().clone() for p in ps])
     return history, opt
@@ -66,21 +70,53 @@ def _run(kernel, geometry_name, mode, dtype, steps=50):
 @pytest.mark.parametrize("name", NAMES)
 def test_grouped_kernel_equals_the_single_tensor_reference(name, mode, dtype, one_thread):
     """Parameters after every one of 50 steps and the final state are bit-identical on one
-    thread (measured: every case here). With more threads a batched product may split its work
-    differently from one matrix's product; there they agree to round-off (2e-6 relative in
-    float32 was the largest seen with 2 threads)."""
+    thread (measured: every case here), except the scalar and the vectors, which share a
+    zero-padded stack: a sum over a padded row (the damping's mean, the RMS clip's norm) runs
+    in another order than over the tensor alone (the CPU's vectorised reductions split a row by
+    its length), so these agree to round-off, an ulp or so per step. Measured over this battery:
+    parameters 1.2e-5 relative (float32) and 2.3e-14 (float64) at most, factors 7e-8 and 2e-16.
+    With more threads a batched product may split its work differently from one matrix's
+    product; there they agree to round-off (2e-6 relative in float32 was the largest seen with
+    2 threads)."""
     single, opt_s = _run("single", name, mode, dtype)
     grouped, opt_g = _run("grouped", name, mode, dtype)
+    tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
     for t, (a, b) in enumerate(zip(single, grouped)):
         for i, (x, y) in enumerate(zip(a, b)):
-            assert torch.equal(x, y), f"step {t}, parameter {i}: {(x - y).abs().max().item():.2e}"
-    for p_s, p_g in zip(opt_s.param_groups[0]["params"], opt_g.param_groups[0]["params"]):
+            if i in PADDED:
+                torch.testing.assert_close(y, x, **tol, msg=f"step {t}, parameter {i}")
+            else:
+                assert torch.equal(x, y), f"step {t}, parameter {i}: {(x - y).abs().max():.2e}"
+    params = zip(opt_s.param_groups[0]["params"], opt_g.param_groups[0]["params"])
+    for i, (p_s, p_g) in enumerate(params):
         s, g = opt_s.state[p_s], opt_g.state[p_g]
+        same = torch.equal if i not in PADDED else lambda x, y: torch.allclose(x, y, **tol)
         assert torch.equal(s["step"], g["step"])
-        assert torch.equal(g["momentum_buffer"], s["momentum_buffer"])
-        assert all(torch.equal(qg, qs) for qs, qg in zip(s["Q"], g["Q"]))
+        # a Newton-mode gradient depends on the parameters, so its momentum follows their drift
+        momentum_same = torch.equal if mode == "whiten" else same
+        assert momentum_same(g["momentum_buffer"], s["momentum_buffer"])
+        assert all(same(qg, qs) for qs, qg in zip(s["Q"], g["Q"]))
     # poisoned at steps 17 (Inf), 24 (NaN) and 45 (Inf); all-zero at 10 and 38 (fit skipped)
-    assert opt_s.nonfinite_count == opt_g.nonfinite_count == (0 if mode == "newton" else 3)
+    assert opt_s.nonfinite_count == opt_g.nonfinite_count == (0 if mode == "newton" else 6)
+
+
+def test_a_stack_whose_members_change_uses_no_stale_preconditioner(one_thread):
+    """The kept ``P_i`` of a stack are keyed by its members; when a gradient goes missing the
+    stack of the others is another key, and an update must drop every key holding a tensor it
+    fits (before, an apply-only step reused ``P_i`` kept before the last update: 1e-4 off)."""
+
+    def run(kernel):
+        gen = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(5, 6, generator=gen)) for _ in range(3)]
+        opt = Kron(ps, kernel=kernel,
+                   preconditioner_update_probability=lambda n: 1.0 if n < 20 else 0.3)  # fmt: skip
+        for t in range(30):
+            for i, p in enumerate(ps):
+                p.grad = None if i == 2 and t % 5 == 2 else torch.randn(5, 6, generator=gen)
+            opt.step()
+        return torch.cat([p.detach().reshape(-1) for p in ps])
+
+    assert torch.equal(run("single"), run("grouped"))
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -582,11 +582,14 @@ def test_cached_p_path_equals_the_plain_path(geometry, memory_save_mode):
     plain, _ = run(False)
     for a, b in zip(fast, plain):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    # after step 10 the probability is 0.3: a dense factor is cached while 0.3 · d² <= numel
-    expected = 0
+    # after step 10 the probability is 0.3: a dense factor is cached while 0.3 · d² <= numel;
+    # the scalar and the vector share a zero-padded stack, each holding a row of its width
+    expected, width = 0, max(p.numel() for p in fast if p.dim() <= 1)
     for p in fast:
         for q in opt.state[p]["Q"]:
-            if geometry != "PRO4P" and (q.dim() < 2 or 0.3 * q.shape[0] ** 2 <= p.numel()):
+            if p.dim() <= 1 and geometry != "PRO4P":
+                expected += width * q.element_size()
+            elif geometry != "PRO4P" and (q.dim() < 2 or 0.3 * q.shape[0] ** 2 <= p.numel()):
                 expected += q.nbytes
     assert sum(r.cache_bytes for r in opt.describe()) == expected
     if geometry != "PRO4P" and memory_save_mode is None:  # the dense 300x300 factor of (300, 4)

@@ -28,9 +28,9 @@ from ..lra import LRAPreconditioner, check_schedule
 from ..preconditioner import DensePreconditioner
 from ..schedules import precond_update_prob_schedule
 from . import newton
+from .apply import apply_updates, clip_global
 from .checkpoint import copy_to
 from .config import CLIPS, MODES, NONFINITE, check_choice, check_number, check_step_settings, decide
-from .kernels import apply_updates, clip_global
 from .streams import LazyCount, stream_seed
 
 FORMAT = 1

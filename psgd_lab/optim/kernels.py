@@ -28,6 +28,7 @@ from .. import geometry as geo
 from ..pairs import Draws
 from ..structure import KronPlan
 from .config import Hyper
+from .padding import layout, paddable, split, stack, stack_draws
 
 CHUNK_BYTES = 32 * 2**20  # at most this much gradient and factors per stack (or one tensor)
 
@@ -44,9 +45,11 @@ class Item:
     hv: tuple[Tensor, Tensor] | None = None  # Newton mode: (v, H v), the parameter's shape
 
     def key(self) -> tuple:
-        """Tensors with equal keys are stacked together."""
+        """Tensors with equal keys are stacked together: equal plans, or any vectors and scalars
+        with a diagonal factor (zero-padded to a common length, ``padding.Rows``)."""
         st = self.state
-        return (self.plan, self.grad.dtype, st["momentum_buffer"].dtype, st["Q"][0].dtype,
+        plan = "padded" if paddable(self.plan) else self.plan
+        return (plan, self.grad.dtype, st["momentum_buffer"].dtype, st["Q"][0].dtype,
                 self.grad.device, self.hv is not None)  # fmt: skip
 
 
@@ -103,44 +106,39 @@ def _pair(hy: Hyper, m_hat: Tensor, g: Tensor, hv) -> tuple[Tensor, Tensor | Non
     return (m_hat if hy.momentum_into_precond_update else g), None, g
 
 
-def _fit(hy: Hyper, Q: list, state_L, h, v, draws: Draws, balance: bool, init) -> list:
-    """Balance (if due), the data-driven initial scale (if pending), one fit; Lipschitz state."""
+def _fit(hy: Hyper, Q: list, state_L, h, v, draws: Draws, balance: bool, init, numel=None) -> list:
+    """Balance (if due), the data-driven initial scale (if pending), one fit; Lipschitz state.
+    ``numel``: per tensor, its length in a zero-padded stack (``padding``); None: the shape's."""
     if balance and len(Q) > 1:
         factors.balance(Q)
     if init is not None:  # precond_init_scale=None: scale Q to the first informative pair
-        s = factors.data_scale(h, v, hy.init_damping, len(Q), hy.geometry.fits_p)
+        s = factors.data_scale(h, v, hy.init_damping, len(Q), hy.geometry.fits_p, numel)
         s = torch.where(init, torch.ones_like(s), s)
         for q in Q:
             q.mul_(s.reshape(s.shape + (1,) * (q.dim() - 1)).to(q.dtype))
     real = torch.promote_types(Q[0].real.dtype, torch.float32)
     L = state_L if state_L is not None else [h.new_zeros(h.shape[0], dtype=real) for _ in Q]
     geo.fit(hy.geometry, Q, L, h, v, draws, lr=hy.precond_lr, lipschitz=hy.lipschitz,
-            beta_L=hy.beta_L, norm_bound=hy.norm_bound, damping=hy.damping)  # fmt: skip
+            beta_L=hy.beta_L, norm_bound=hy.norm_bound, damping=hy.damping,
+            numel=numel)  # fmt: skip
     return L
 
 
-def _clip(Pm: Tensor, debias: Tensor, hy: Hyper) -> Tensor:
+def _clip(Pm: Tensor, debias: Tensor, hy: Hyper, numel: Tensor | None = None) -> Tensor:
     """Per tensor of the stack: ``scale`` with ``u = scale · P m`` = ``P m̂`` clipped to RMS
     ``hy.clip_max_amp`` (1.1: kron-torch's, docs/maths.md §5.4) with ``clip="tensor"``, else
     ``P m̂`` as it is (``"global"`` clips the whole group afterwards: ``clip_global``); ``P`` is
     linear, so the debias folds into the scale. ``vector_norm`` along the contiguous last dim is
-    fast and accumulates in double on the CPU (no overflow)."""
+    fast and accumulates in double on the CPU (no overflow). ``numel``: the tensors' lengths in a
+    zero-padded stack (``√n`` rounded from double, as the Python float of a plain stack is)."""
     if hy.clip != "tensor":
         return 1 / debias
-    n = math.prod(Pm.shape[1:])
-    rms = torch.linalg.vector_norm(Pm.reshape(Pm.shape[0], -1), dim=1) / (math.sqrt(n) * debias)
+    if numel is None:
+        root = math.sqrt(math.prod(Pm.shape[1:]))
+    else:
+        root = numel.double().sqrt().to(debias.dtype)
+    rms = torch.linalg.vector_norm(Pm.reshape(Pm.shape[0], -1), dim=1) / (root * debias)
     return torch.clamp(hy.clip_max_amp / (rms + 1e-12), max=1.0) / debias
-
-
-def clip_global(us: list[Tensor], max_amp: float) -> None:
-    """Scale every update of the list, in place, so their RMS over all entries is at most
-    ``max_amp`` (the reference's ``grad_clip_max_amp``); no host sync."""
-    if not us or max_amp == math.inf:
-        return
-    sq = torch.stack([torch.linalg.vector_norm(u.reshape(-1), dtype=torch.float64) for u in us])
-    rms = (sq.square().sum() / sum(u.numel() for u in us)).sqrt()
-    scale = torch.clamp(max_amp / (rms + 1e-12), max=1.0)
-    torch._foreach_mul_(us, [scale.to(u.real.dtype) for u in us])
 
 
 def _debias(b1: float, steps: Tensor, like: Tensor) -> Tensor:
@@ -230,9 +228,10 @@ def single_step(items: Sequence[Item], hy: Hyper, *, do_update: bool, prob: floa
 
 
 def stacked_step(G, M, steps, Q, L, init, hv, draws, *, hy: Hyper, pd: torch.dtype,
-                 do_update: bool, balance: bool, keep: tuple, cached):  # fmt: skip
+                 do_update: bool, balance: bool, keep: tuple, cached, numel=None):  # fmt: skip
     """The grouped maths on stacks, without host syncs (a pure function of its inputs; what
-    ``Kron(compile=True)`` compiles): returns ``(M, steps, Q, L, init, u, ok, P_i kept)``."""
+    ``Kron(compile=True)`` compiles): returns ``(M, steps, Q, L, init, u, ok, P_i kept)``.
+    ``numel``: per tensor, its length in a zero-padded stack of vectors (``padding.Rows``)."""
     finite, nonzero = _stats(G)
     if hv is not None:
         hv_finite, nonzero = _stats(hv[1])
@@ -253,7 +252,7 @@ def stacked_step(G, M, steps, Q, L, init, hv, draws, *, hy: Hyper, pd: torch.dty
         else:  # unknown (an accelerator, compiled) or mixed: fit copies, then mask
             work = [q.clone() for q in Q]
             L_work = None if L is None else [x.clone() for x in L]
-        fitted_L = _fit(hy, work, L_work, h, v, draws, balance, init)
+        fitted_L = _fit(hy, work, L_work, h, v, draws, balance, init, numel)
         L_work = None if L is None else fitted_L  # lipschitz="kron" keeps no L
         for w in work:  # a fit that overflowed (a 1e20 gradient once P has grown) keeps Q
             fit_ok = fit_ok & _stats(w)[0]
@@ -268,7 +267,7 @@ def stacked_step(G, M, steps, Q, L, init, hv, draws, *, hy: Hyper, pd: torch.dty
         cached = None
     Pm, cached = precondition(Q, m_p, hy, keep, cached)
     ok = ok & _stats(Pm)[0]  # P m̂ can overflow where m̂ is finite (a 1e20 entry): skip it
-    scale = torch.nan_to_num(_clip(Pm, debias, hy)) * ok
+    scale = torch.nan_to_num(_clip(Pm, debias, hy, numel)) * ok
     if not _known(ok):  # inf · 0 is NaN: zero the skipped tensors' updates outright
         Pm = torch.where(_per(ok, Pm), Pm, 0)
     return M, steps, Q, L, init, Pm.mul_(_per(scale, Pm)), ok, cached
@@ -278,13 +277,17 @@ def _stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per tensor of the stack: all finite, and not all zero, from its maximum and minimum (NaN
     and ±Inf reach one of them; the tensor is all zero iff both are 0). No temporary: fused
     ``torch.aminmax`` over a dim is many times slower on the CPU, and so is ``abs().amax()``'s
-    copy of a large tensor (page faults)."""
+    copy of a large tensor (page faults); a small one's copy costs less than the dispatches it
+    saves."""
     flat = x.reshape(x.shape[0], -1)
     if flat.shape[1] == 0:
         none = torch.zeros(flat.shape[0], dtype=torch.bool, device=x.device)
         return ~none, none
     if flat.is_complex():
         flat = torch.view_as_real(flat).reshape(flat.shape[0], -1)
+    if flat.shape[1] <= 4096:
+        top = flat.abs().amax(dim=1)  # NaN propagates
+        return torch.isfinite(top), top != 0
     hi, lo = flat.amax(dim=1), flat.amin(dim=1)
     return torch.isfinite(hi) & torch.isfinite(lo), (hi != 0) | (lo != 0)
 
@@ -292,23 +295,28 @@ def _stats(x: Tensor) -> tuple[Tensor, Tensor]:
 def chunks(items: Sequence[Item], cap: int = CHUNK_BYTES) -> list[list[Item]]:
     """Items grouped by ``Item.key`` (in first-seen order), each group split so a stack holds at
     most ``cap`` bytes of gradient and factors (or one tensor): stacking copies the factors, and a
-    copy of a few 4096 x 4096 factors costs more than the products it batches."""
-    groups: dict[tuple, list[tuple[int, list[Item]]]] = {}
+    copy of a few 4096 x 4096 factors costs more than the products it batches. Vectors of
+    different lengths are split by ``padding.split`` (bounded padding)."""
+    groups: dict[tuple, list[Item]] = {}
     for it in items:
-        parts = groups.setdefault(it.key(), [(0, [])])
-        size, part = parts[-1]
-        nbytes = it.grad.nbytes + sum(q.nbytes for q in it.state["Q"])
-        if part and size + nbytes > cap:
-            parts.append((0, []))
-            size, part = parts[-1]
-        part.append(it)
-        parts[-1] = (size + nbytes, part)
-    return [part for parts in groups.values() for _, part in parts]
-
-
-def _stack(xs: list[Tensor]) -> Tensor:
-    """``torch.stack``, or a view for a stack of one (no copy)."""
-    return xs[0].unsqueeze(0) if len(xs) == 1 else torch.stack(xs)
+        groups.setdefault(it.key(), []).append(it)
+    out = []
+    for key, group in groups.items():
+        if key[0] == "padded":
+            per = group[0].grad.element_size() + group[0].state["Q"][0].element_size()
+            parts = split([it.plan.numel for it in group], cap // per)
+            out += [[group[i] for i in part] for part in parts]
+            continue
+        size, part = 0, []
+        for it in group:
+            nbytes = it.grad.nbytes + sum(q.nbytes for q in it.state["Q"])
+            if part and size + nbytes > cap:
+                out.append(part)
+                size, part = 0, []
+            part.append(it)
+            size += nbytes
+        out.append(part)
+    return out
 
 
 class CompiledSteps:
@@ -333,66 +341,52 @@ class CompiledSteps:
 
 def grouped_step(items: Sequence[Item], hy: Hyper, *, do_update: bool, prob: float | None,
                  balance: bool, cache: dict, step_fn=stacked_step) -> list:  # fmt: skip
-    """The grouped kernel: one ``stacked_step`` per chunk of equal-structured tensors; results
-    copied back into each tensor's state with ``torch._foreach_copy_``. ``cache``: per chunk of
-    tensors, the ``P_i`` kept between calls."""
+    """The grouped kernel: one ``stacked_step`` per chunk of equal-structured tensors (vectors of
+    several lengths zero-padded, ``padding``); results copied back into each tensor's state with
+    ``torch._foreach_copy_``. ``cache``: per chunk of tensors, the ``P_i`` kept between calls."""
     out: dict[int, tuple[Tensor, Tensor]] = {}
+    if do_update:  # kept P_i of any chunk holding a tensor fit now are stale (a chunk's
+        ids = {id(it.p) for it in items}  # members change with missing gradients)
+        for k in [k for k in cache if not ids.isdisjoint(k)]:
+            del cache[k]
     for part in chunks(items):
-        sts, fshape = [it.state for it in part], part[0].plan.shape
+        sts = [it.state for it in part]
+        lay = layout([it.plan for it in part], part[0].grad.device)
         key, keep = tuple(id(it.p) for it in part), cached_dims(part[0].plan, prob)
         cached = cache.get(key)
         kept_all = cached is not None and all(c is not None for k, c in zip(keep, cached) if k)
         if do_update or not (kept_all and all(keep)) or hy.geometry.fits_p:
-            Q0 = [_stack(list(f)) for f in zip(*(st["Q"] for st in sts))]
+            Q0 = [lay.factor(list(f)) for f in zip(*(st["Q"] for st in sts))]
         else:  # every factor applied from its kept P_i: Q is not needed, not even stacked
             Q0 = [None] * len(keep)
-        L0 = None if "L" not in sts[0] else [_stack(list(f)) for f in zip(*(st["L"] for st in sts))]
+        L0 = None if "L" not in sts[0] else [stack(list(f)) for f in zip(*(st["L"] for st in sts))]
         init = None if hy.init_scale is not None else torch.stack([st["initialised"] for st in sts])
         hv = None
         if part[0].hv is not None:
-            hv = tuple(torch.stack([it.hv[j].reshape(fshape) for it in part]) for j in (0, 1))
-        draws = Draws.stack([it.draws for it in part]) if do_update else None
-        moms = [st["momentum_buffer"].view(fshape) for st in sts]
-        fn = step_fn(part[0].key()) if isinstance(step_fn, CompiledSteps) else step_fn
+            hv = tuple(lay.data([it.hv[j] for it in part]) for j in (0, 1))
+        draws = stack_draws([it.draws for it in part], lay) if do_update else None
+        moms = [st["momentum_buffer"] for st in sts]
+        M0 = lay.data(moms)
+        compile_key = part[0].key() if lay.numel is None else (part[0].key(), lay.lengths)
+        fn = step_fn(compile_key) if isinstance(step_fn, CompiledSteps) else step_fn
         M, steps, Q, L, init, U, ok, kept = fn(
-            _stack([it.grad.reshape(fshape) for it in part]), _stack(moms),
-            _stack([st["step"] for st in sts]), Q0, L0, init, hv, draws, hy=hy,
-            pd=sts[0]["Q"][0].dtype, do_update=do_update, balance=balance, keep=keep,
-            cached=cached,
+            lay.data([it.grad for it in part]), M0, stack([st["step"] for st in sts]), Q0, L0,
+            init, hv, draws, hy=hy, pd=sts[0]["Q"][0].dtype, do_update=do_update,
+            balance=balance, keep=keep, cached=cached, numel=lay.numel,
         )  # fmt: skip
         cache[key] = kept
-        if len(part) > 1:  # a stack of one is a view: updated in place already
-            torch._foreach_copy_(moms, list(M.unbind(0)))
+        lay.back(moms, M, M0)  # a stack of one is a view: updated in place already
         torch._foreach_copy_([st["step"] for st in sts], list(steps.unbind(0)))
         if do_update:
             # a stack of one updated in place is the state itself; anything else is copied back
             for i in range(len(Q0)):
-                if len(part) > 1 or Q[i] is not Q0[i]:
-                    torch._foreach_copy_([st["Q"][i] for st in sts], list(Q[i].unbind(0)))
+                lay.back([st["Q"][i] for st in sts], Q[i], Q0[i])
             if L is not None:
                 for i in range(len(L)):
                     if len(part) > 1 or L[i] is not L0[i]:
                         torch._foreach_copy_([st["L"][i] for st in sts], list(L[i].unbind(0)))
             if init is not None:
                 torch._foreach_copy_([st["initialised"] for st in sts], list(init.unbind(0)))
-        for it, u, k in zip(part, U.unbind(0), ok.unbind(0)):
+        for it, u, k in zip(part, lay.rows(U), ok.unbind(0)):
             out[id(it.p)] = (u, k)
     return [out[id(it.p)] for it in items]
-
-
-def apply_updates(targets: list[Tensor], us: list[Tensor], oks: list[Tensor], ndims: list[int],
-                  lr: float, weight_decay: float) -> None:  # fmt: skip
-    """``θ ← θ·(1 − lr·wd·ok) − lr·u`` for every target (weight decay only where the parameter
-    has ``ndim ≥ 2``), with ``torch._foreach`` ops: one call each for the whole list. A skipped
-    tensor (``ok`` False, ``u = 0``) is left exactly as it was."""
-    if not targets:
-        return
-    decay = [i for i, n in enumerate(ndims) if n >= 2] if weight_decay != 0 else []
-    if decay:
-        # one op for the list, not three per tensor; in float64 (where the device has it), so a
-        # float64 parameter decays by exactly 1 − lr·wd
-        wide = torch.float32 if targets[0].device.type == "mps" else torch.float64
-        ok = torch.stack([oks[i] for i in decay]).to(wide)
-        keep = (1 - lr * weight_decay * ok).unbind(0)
-        torch._foreach_mul_([targets[i] for i in decay], list(keep))
-    torch._foreach_add_(targets, [u.reshape(t.shape) for u, t in zip(us, targets)], alpha=-lr)

@@ -22,6 +22,7 @@ from .. import factors
 from ..schedules import precond_update_prob_schedule
 from ..structure import KronPlan
 from . import checkpoint, memory, newton, placement
+from .apply import clip_global
 from .config import (
     Hyper,
     check_group,
@@ -31,7 +32,7 @@ from .config import (
     mu_dtype,
     precond_dtype,  # fmt: skip
 )
-from .kernels import CompiledSteps, Item, clip_global, grouped_step, single_step, stacked_step
+from .kernels import CompiledSteps, Item, grouped_step, single_step, stacked_step
 from .memory import ParamInfo
 from .streams import LazyCount, Streams
 

@@ -32,7 +32,8 @@ class ParamInfo:
     factor_shapes: tuple[tuple[int, ...], ...]
     momentum_bytes: int
     precond_bytes: int
-    cache_bytes: int  # the cached P_i (0 with precond_cache=False or for PRO4P/QUAD4P)
+    cache_bytes: int  # the cached P_i (0 with precond_cache=False or for PRO4P/QUAD4P); a
+    # vector's (or scalar's) is its row of the zero-padded stack it shares (optim.padding)
     owner: int = 0  # the rank that keeps this parameter's state (distributed="shard")
     budget_diag: tuple[int, ...] = ()  # dims made diagonal by precond_budget
 

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .. import distributed as dist_
 from ..schedules import UpdateProbSchedule
-from .kernels import apply_updates
+from .apply import apply_updates
 
 
 def owners(opt) -> dict[Tensor, int]:
