@@ -127,7 +127,10 @@ class Runner:
     """Runs jobs from the cache, in-process or in a pool kept for the whole study."""
 
     def __init__(self, task, budget, cache, workers, start_method, progress):
-        from tqdm.auto import tqdm
+        if progress:  # tqdm.auto warns on stderr in a kernel without ipywidgets: only when shown
+            from tqdm.auto import tqdm
+        else:
+            from tqdm import tqdm
 
         self.task, self.budget, self.cache = task, budget, cache
         self.workers, self.start_method, self.pool, self.cached = workers, start_method, None, 0
