@@ -176,7 +176,7 @@ def test_exact_resume_every_optimiser(name, mode):
 
     resumed = cls(twins, lr=0.01, mode=mode, **kw)
     buf.seek(0)
-    resumed.load_state_dict(torch.load(buf, weights_only=False))
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
     for o, ps in ((opt, params), (resumed, twins)):
         for _ in range(15):
             o.zero_grad()
