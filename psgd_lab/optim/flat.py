@@ -31,6 +31,7 @@ from . import newton
 from .apply import apply_updates, clip_global
 from .checkpoint import copy_to
 from .config import CLIPS, MODES, NONFINITE, check_choice, check_number, check_step_settings, decide
+from .kernels import _debias, _momentum
 from .streams import LazyCount, stream_seed
 
 FORMAT = 1
@@ -137,6 +138,8 @@ class _Flat(torch.optim.Optimizer):
         machinery carries it): momentum over ``n``, the finite step count, the number of
         preconditioner updates, and the preconditioner's own state."""
         st = self.state[group["params"][0]]
+        if gi in self._pre and st:  # every step after the first: nothing to build
+            return st
         dtype, device, mu = _layout(group)
         n = sum(p.numel() for p in group["params"])
         if gi not in self._pre:
@@ -168,16 +171,13 @@ class _Flat(torch.optim.Optimizer):
         if self.nonfinite == "raise" and not bool(ok):
             raise FloatingPointError(f"{type(self).__name__}: non-finite gradient or Hv")
         self._nonfinite.add(~ok.reshape(1))
-        b1 = group["b1"]
-        weight = ok.to(M.dtype) * (1 - b1)
-        if not all(present):  # absent parameters keep their momentum
-            weight = weight * torch.cat([torch.full((p.numel(),), float(x), device=M.device,
-                                                    dtype=M.dtype)
-                                         for p, x in zip(params, present)])  # fmt: skip
-        M.lerp_(torch.nan_to_num(G), weight)
+        b1, moving = group["b1"], ok
+        if not all(present):  # absent parameters keep their momentum: a mask per entry
+            moving = ok & torch.cat([torch.full((p.numel(),), x, device=M.device)
+                                     for p, x in zip(params, present)])  # fmt: skip
+        _momentum(M, G, b1, moving, None)  # Kron's update, M seen as a stack of n scalars
         st["step"].add_(ok.to(torch.int64))
-        debias = torch.where(st["step"] > 0, 1 - torch.pow(b1, st["step"].to(M.dtype)), 1.0)
-        m_hat = (M / debias).to(pre.dtype)
+        m_hat = (M / _debias(b1, st["step"], M)).to(pre.dtype)
         if do:
             if self.mode == "newton":
                 h, v, info = pair[1].to(pre.dtype), pair[0].to(pre.dtype), pair[1]
