@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 CACHE_ENV = "PSGD_LAB_CACHE"
+RECOMPUTE_ENV = "PSGD_LAB_RECOMPUTE"  # "1": ignore stored runs, recompute and overwrite them
 DEFAULT_CACHE = ".psgd_lab_cache"
 FORMAT = 1  # version of the files' layout, part of every key
 
@@ -30,6 +31,12 @@ FORMAT = 1  # version of the files' layout, part of every key
 def default_cache_dir() -> Path:
     """``$PSGD_LAB_CACHE``, or ``.psgd_lab_cache`` in the working directory."""
     return Path(os.environ.get(CACHE_ENV, DEFAULT_CACHE))
+
+
+def recompute() -> bool:
+    """True when ``$PSGD_LAB_RECOMPUTE`` is ``1`` (what ``psgd-lab reproduce --full`` sets): every
+    lookup misses, so each run is recomputed and its file rewritten."""
+    return os.environ.get(RECOMPUTE_ENV, "") == "1"
 
 
 def _qualname(obj) -> str:
@@ -89,9 +96,10 @@ class Cache:
         return self.root / _slug(key["task"]) / f"{_slug(name)}_{digest(key)}.json"
 
     def load(self, key: dict) -> dict | None:
-        """The stored ``{"rows", "diverged_step"}`` for ``key``, or None."""
+        """The stored ``{"rows", "diverged_step"}`` for ``key``, or None (always None under
+        ``$PSGD_LAB_RECOMPUTE=1``)."""
         path = self.path(key)
-        if not path.exists():
+        if recompute() or not path.exists():
             return None
         data = json.loads(path.read_text())
         if data.get("key") != key:  # another layout or a hash collision: recompute

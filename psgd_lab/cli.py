@@ -18,7 +18,7 @@ def _figures(folder: Path) -> dict[Path, float]:
     return {p: p.stat().st_mtime for p in folder.glob("*") if p.is_file()}
 
 
-def run_notebook(path: Path, timeout: int = 600) -> tuple[float, str | None]:
+def run_notebook(path: Path, timeout: int | None = 600) -> tuple[float, str | None]:
     """Execute ``path`` in place; return (seconds, error message naming the cell or None)."""
     import nbformat
     from nbclient import NotebookClient
@@ -49,14 +49,14 @@ def run_notebook(path: Path, timeout: int = 600) -> tuple[float, str | None]:
     return time.perf_counter() - start, error
 
 
-def reproduce(notebooks: list[Path], figures: Path) -> int:
+def reproduce(notebooks: list[Path], figures: Path, timeout: int | None = 600) -> int:
     """Run every notebook, print a table (notebook, seconds, figures written); 1 on failure."""
     from tqdm import tqdm
 
     rows, errors = [], []
     for path in tqdm(notebooks, desc="notebooks", unit="nb", file=sys.stderr):
         before = _figures(figures) if figures.exists() else {}
-        seconds, error = run_notebook(path)
+        seconds, error = run_notebook(path, timeout)
         after = _figures(figures) if figures.exists() else {}
         written = sorted(p.name for p, t in after.items() if before.get(p) != t)
         rows.append((path.name, seconds, written))
@@ -104,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     rep = sub.add_parser("reproduce", help="execute every notebook and regenerate figures/")
     rep.add_argument("notebooks", nargs="*", type=Path, help="default: notebooks/*.ipynb")
+    rep.add_argument(
+        "--full",
+        action="store_true",
+        help="recompute every study run instead of reading the committed results in "
+        "notebooks/results/ (and rewrite them): hours here, not minutes",
+    )
     sub.add_parser("info", help="versions and available geometries")
     mat = sub.add_parser(
         "nbval-matrix",
@@ -140,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         print("no notebooks found under notebooks/", file=sys.stderr)
         return 1
     figures = Path(os.environ.get("PSGD_LAB_FIGURES", ROOT / "figures"))
-    return reproduce(notebooks, figures)
+    if args.full:  # the kernels inherit the environment; the cache then misses on every run
+        from .cache import RECOMPUTE_ENV
+
+        os.environ[RECOMPUTE_ENV] = "1"
+    return reproduce(notebooks, figures, timeout=None if args.full else 600)
 
 
 if __name__ == "__main__":

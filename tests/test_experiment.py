@@ -197,9 +197,13 @@ def test_cached_results_are_reused_until_the_library_version_changes(tmp_path, m
     other = [ex.Config("sgd", "SGD", {"momentum": 0.5}), configs[1]]
     ex.study(task, other, cache_dir=tmp_path, progress=False, **kw)
     assert len(calls) == 12  # only the changed configuration
+    monkeypatch.setenv("PSGD_LAB_RECOMPUTE", "1")  # what `psgd-lab reproduce --full` sets
+    ex.study(task, configs, cache_dir=tmp_path, progress=False, **kw)
+    assert len(calls) == 20 and len(list(tmp_path.rglob("*.json"))) == 12  # rewritten in place
+    monkeypatch.delenv("PSGD_LAB_RECOMPUTE")
     monkeypatch.setattr(psgd_lab, "__version__", "0.1.0+changed")
     ex.study(task, configs, cache_dir=tmp_path, progress=False, **kw)
-    assert len(calls) == 20
+    assert len(calls) == 28
 
 
 def test_a_diverged_run_is_recorded_with_its_step():
