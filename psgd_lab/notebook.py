@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import re
 import random
 from dataclasses import dataclass
 
@@ -171,3 +172,66 @@ def run_matrix(
         status = subprocess.run(cmd + list(notebooks), env=env).returncode
         results.append((name, status, time.perf_counter() - start))
     return results
+
+
+_NUMBER = re.compile(r"(?<![\w.§/-])[-−]?\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][-−+]?\d+)?(%?)")
+
+
+def _floats(text: str) -> list[float]:
+    return [float(m.group().replace("−", "-").replace(",", "").rstrip("%"))
+            for m in _NUMBER.finditer(text)]  # fmt: skip
+
+
+def _rounds_to(stated: str, printed: float) -> bool:
+    """Whether ``printed`` rounds to ``stated`` at the precision ``stated`` is written with."""
+    mantissa, _, exponent = stated.lower().partition("e")
+    digits = len(mantissa.partition(".")[2])
+    unit = 10.0 ** (-digits + (int(exponent) if exponent else 0))
+    value = float(stated)
+    return abs(printed - value) <= 0.5 * unit * (1 + 1e-9) or (
+        printed != 0 and math.isclose(printed, value, rel_tol=1e-12)
+    )
+
+
+def unprinted_numbers(path, heading: str = "## Answer", small: int = 20) -> list[str]:
+    """Numbers in a notebook's answer cell that none of its outputs prints.
+
+    The answer is the markdown cell starting with ``heading``. A stated number counts as printed
+    when some number in a code cell's stored output (stdout, or a displayed text/plain, markdown or
+    HTML) rounds to it at the precision it is written with (``0.031`` matches a printed
+    ``0.03104``; ``57%`` matches ``57.2%`` or ``0.572``), or when it is written verbatim in a code
+    cell's source (a setting, e.g. an lr). Skipped: integers below ``small`` (counts of seeds,
+    notebook numbers), code spans, link targets and section marks (``§5.4``).
+    """
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    answers = [c.source for c in nb.cells if c.cell_type == "markdown"
+               and c.source.startswith(heading)]  # fmt: skip
+    if not answers:
+        return [f"<no cell starting with {heading!r}>"]
+    text = re.sub(r"`[^`]*`|\]\([^)]*\)|§\s*[\d.]+|\b\d\d_\w+", " ", answers[-1])
+    printed, sources = [], []
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        sources.append(cell.source)
+        for out in cell.get("outputs", []):
+            chunks = [out.get("text", "")]
+            data = out.get("data", {})
+            chunks += [data.get(k, "") for k in ("text/plain", "text/markdown", "text/html")]
+            printed += _floats("\n".join(c if isinstance(c, str) else "".join(c) for c in chunks))
+    source = "\n".join(sources)
+    missing = []
+    for m in _NUMBER.finditer(text):
+        stated = m.group().replace("−", "-").replace(",", "")
+        bare = stated.rstrip("%")
+        if re.fullmatch(r"-?\d+", bare) and abs(int(bare)) < small:
+            continue
+        candidates = printed + ([100 * p for p in printed] if stated.endswith("%") else [])
+        if any(_rounds_to(bare, p) for p in candidates) or re.search(
+            rf"(?<![\w.]){re.escape(m.group())}(?![\w.])", source
+        ):
+            continue
+        missing.append(m.group())
+    return missing
