@@ -257,7 +257,7 @@ def study(
         cache_dir = default_cache_dir()
     cache = Cache(cache_dir) if cache_dir is not False else None
     budget = (steps, log_every, diverge_factor)
-    result = Study(task, configs, seeds, steps, grids, {c.name: 0 for c in configs}, {})
+    result = Study(task, configs, seeds, steps, grids, {c.name: 0 for c in configs}, {}, budget)
     runner = runs.Runner(task, budget, cache, workers, start_method, progress)
     try:
         pending = {c.name: list(grids[c.name]) for c in configs}
@@ -282,7 +282,8 @@ def study(
 @dataclass
 class Study:
     """What ``study`` ran: ``grids`` (each configuration's final grid), ``extensions`` (points it
-    added) and ``runs`` (``(config name, lr, seed) -> run_one's record``)."""
+    added), ``runs`` (``(config name, lr, seed) -> run_one's record``) and ``budget``
+    (``(steps, log_every, diverge_factor)``)."""
 
     task: Task
     configs: list[Config]
@@ -291,6 +292,34 @@ class Study:
     grids: dict[str, list[float]]
     extensions: dict[str, int]
     runs: dict[tuple[str, float, int], dict]
+    budget: tuple = ()
+
+    def rerun(self, config: str, seed: int | None = None, lr: float | None = None) -> dict:
+        """Train one stored run again, live (the cache is neither read nor written), and compare.
+
+        ``seed`` defaults to the first seed, ``lr`` to the configuration's best. Returns
+        ``{"config", "lr", "seed", "stored", "live", "relative"}``: the final metric of the
+        stored run and of the live one, and ``|live - stored| / |stored|``. A notebook that reads
+        committed results re-runs one seed this way and bounds ``relative``, so nbval notices when
+        the library (or the machine) no longer reproduces them; float32 training drifts a little
+        between CPUs, so the bound is a tolerance, not zero.
+        """
+        grid = self._grid(config)
+        lr = grid[self._best_index(config)] if lr is None else lr
+        if not any(math.isclose(x, lr, rel_tol=1e-9) for x in grid):
+            raise ValueError(f"lr must be on config {config!r}'s grid {grid}; got {lr!r}")
+        lr = next(x for x in grid if math.isclose(x, lr, rel_tol=1e-9))
+        seed = self.seeds[0] if seed is None else seed
+        if seed not in self.seeds:
+            raise ValueError(f"seed must be one of {self.seeds}; got {seed!r}")
+        c = next(c for c in self.configs if c.name == config)
+        live = _final(run_one(self.task, c, lr, seed, *self.budget))
+        stored = _final(self.runs[config, lr, seed])
+        relative = abs(live - stored) / abs(stored) if stored not in (0.0,) else abs(live)
+        if math.isinf(stored) or math.isinf(live):
+            relative = 0.0 if live == stored else math.inf
+        return {"config": config, "lr": lr, "seed": seed, "stored": stored, "live": live,
+                "relative": relative}  # fmt: skip
 
     def _grid(self, config: str) -> list[float]:
         if config not in self.grids:

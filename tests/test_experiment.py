@@ -284,3 +284,27 @@ def test_bad_declarations_raise_naming_them():
         stats.bootstrap_ci([1.0, math.nan])
     with pytest.raises(ValueError, match="stat must be one of"):
         stats.bootstrap_ci([1.0, 2.0], stat="mode")
+
+
+def test_rerun_trains_a_stored_run_live_and_compares(tmp_path, monkeypatch):
+    task = ex.Task("linreg", problems.linear_regression, {"d": 8})
+    configs = [ex.Config("sgd", "SGD"), ex.Config("adam", "Adam")]
+    kw = {"seeds": [3, 4], "steps": 5, "lrs": [1e-2, 1e-1], "max_extensions": 0}
+    result = ex.study(task, configs, cache_dir=tmp_path, progress=False, **kw)
+    check = result.rerun("adam")
+    assert check["seed"] == 3 and check["lr"] == result.best("adam")[0]
+    assert check["live"] == check["stored"] and check["relative"] == 0.0  # same machine: exact
+    files = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.json")}
+    doctored = next(p for p in files if "Adam_lr0.1_seed4" in p.name)
+    data = json.loads(doctored.read_text())
+    data["rows"][-1]["metric"] *= 2  # a committed result the library no longer reproduces
+    doctored.write_text(json.dumps(data))
+    again = ex.study(task, configs, cache_dir=tmp_path, progress=False, **kw)
+    assert again.rerun("adam", seed=4, lr=0.1)["relative"] == pytest.approx(0.5)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.json") if p != doctored} == {
+        p: t for p, t in files.items() if p != doctored
+    }  # the live run wrote nothing
+    with pytest.raises(ValueError, match="seed must be one of"):
+        result.rerun("adam", seed=9)
+    with pytest.raises(ValueError, match="lr must be on"):
+        result.rerun("adam", lr=0.5)
