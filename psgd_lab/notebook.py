@@ -19,8 +19,8 @@ from __future__ import annotations
 import math
 import os
 import platform
-import re
 import random
+import re
 from dataclasses import dataclass
 
 import torch
