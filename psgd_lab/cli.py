@@ -67,6 +67,11 @@ def reproduce(notebooks: list[Path], figures: Path, timeout: int | None = 600) -
     print(f"|{'-' * (width + 2)}|--------:|-----------------|")
     for name, seconds, written in rows:
         print(f"| {name:<{width}} | {seconds:7.1f} | {', '.join(written) or '-'} |")
+    total = sum(r[1] for r in rows)
+    from .cache import recompute
+
+    mode = "recomputed every study run" if recompute() else "read committed results"
+    print(f"total: {total:.1f} s for {len(rows)} notebooks ({mode})")
     for error in errors:
         print(f"FAILED {error}", file=sys.stderr)
     return 1 if errors else 0

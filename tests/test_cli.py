@@ -35,6 +35,20 @@ def test_reproduce_reports_figures_and_names_the_failing_cell(tmp_path, capsys, 
     assert "FAILED bad.ipynb: cell 1 failed" in err and "boom" in err
     # outputs are stored, so nbval can compare them
     assert nbformat.read(good, as_version=4).cells[1].execution_count == 2
+    assert "for 2 notebooks (read committed results)" in out
+
+
+def test_reproduce_full_makes_the_kernels_recompute(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PSGD_LAB_FIGURES", str(tmp_path / "figs"))
+    monkeypatch.setenv("PSGD_LAB_RECOMPUTE", "0")  # recorded, so the --full run is undone after
+    probe = _notebook(
+        tmp_path / "probe.ipynb",
+        "from psgd_lab.cache import recompute",
+        "assert recompute(), 'the kernel did not see PSGD_LAB_RECOMPUTE=1'",
+    )
+    assert cli.main(["reproduce", str(probe)]) == 1  # without --full the cache is read
+    assert cli.main(["reproduce", "--full", str(probe)]) == 0
+    assert "(recomputed every study run)" in capsys.readouterr().out
 
 
 def test_info(capsys):
