@@ -112,11 +112,20 @@ class Config:
         resolve_optimizer(self.optimizer)
         canonical(dict(self.options), f"config {self.name!r} options")
 
-    def build(self, params, lr: float, seed: int) -> torch.optim.Optimizer:
+    def build(self, model, lr: float, seed: int) -> torch.optim.Optimizer:
+        """The optimiser for ``model`` (a module, or an iterable of parameters). A class with a
+        ``from_model(model, lr=..., **options)`` classmethod builds its own parameter groups
+        from the module (e.g. ``psgd_lab.rivals.MuonWithAdamW``: Muon on hidden weights, AdamW
+        on the rest); any other gets ``model.parameters()``."""
         options = {
             k: seed if isinstance(v, str) and v == SEED else v for k, v in self.options.items()
         }
-        return resolve_optimizer(self.optimizer)(params, lr=lr, **options)
+        cls = resolve_optimizer(self.optimizer)
+        if isinstance(model, torch.nn.Module):
+            if hasattr(cls, "from_model"):
+                return cls.from_model(model, lr=lr, **options)
+            model = model.parameters()
+        return cls(model, lr=lr, **options)
 
     def key(self) -> dict:
         cls = resolve_optimizer(self.optimizer)

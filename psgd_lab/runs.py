@@ -50,7 +50,7 @@ def _finite(x: float) -> float | None:
 
 def _train(trial, config, lr, seed, steps, log_every, diverge_factor) -> dict:
     model = trial.model
-    opt = config.build(model.parameters(), lr, seed)
+    opt = config.build(model, lr, seed)
     newton = getattr(opt, "mode", None) == "newton"  # Kron differentiates a closure itself
     rows: list[dict] = []
     losses: list[float] = []  # since the last row

@@ -76,3 +76,35 @@ def test_mnist1d_tasks_train_through_the_harness(kind, tmp_path):
     assert first > 0.8 and last < first - 0.2  # chance is 0.9 error; it learns
     with pytest.raises(ValueError, match="metric must be"):
         workloads.mnist1d_task(0, metric="accuracy")
+
+
+def test_muon_gets_the_hidden_weights_and_adamw_the_rest():
+    pytest.importorskip("pytorch_optimizer")
+    from psgd_lab import rivals
+
+    gpt = workloads.CharGPT(d=32, layers=2, heads=2, context=16)
+    hidden, rest = rivals.hidden_weights(gpt)
+    names = {id(p): n for n, p in gpt.named_parameters()}
+    assert sorted(names[id(p)] for p in hidden) == sorted(
+        f"blocks.{i}.{w}.weight" for i in (0, 1) for w in ("qkv", "proj", "mlp.0", "mlp.2")
+    )  # not tok/pos (embeddings), not head, no bias or gain
+    assert len(hidden) + len(rest) == len(list(gpt.parameters()))
+    cnn = workloads._mnist1d_model("cnn", 8)
+    hidden, _ = rivals.hidden_weights(cnn)
+    assert [p.ndim for p in hidden] == [3, 3, 3]  # the kernels, not the linear read-out
+    opt = ex.Config("muon", "psgd_lab.rivals.MuonWithAdamW").build(gpt, 0.02, seed=0)
+    assert [g["use_muon"] for g in opt.param_groups] == [True, False]
+    assert opt.param_groups[1]["lr"] == pytest.approx(0.02 * 3e-4 / 2e-2)
+
+
+def test_rivals_train_a_workload_through_the_harness():
+    pytest.importorskip("pytorch_optimizer")
+    task = ex.Task("gpt-tiny", workloads.char_gpt_task,
+                   {"d": 32, "layers": 1, "heads": 2, "context": 32, "batch": 8})  # fmt: skip
+    configs = [ex.Config("muon", "psgd_lab.rivals.MuonWithAdamW", lrs=[0.02]),  # its default
+               ex.Config("soap", "pytorch_optimizer.SOAP"),
+               ex.Config("kron", "Kron", {"seed": ex.SEED})]  # fmt: skip
+    result = ex.study(task, configs, seeds=[0], steps=40, lrs=[3e-3], max_extensions=0,
+                      cache_dir=False, progress=False)  # fmt: skip
+    for c in configs:
+        assert result.final(c.name)[0] < math.log(128) - 0.4, c.name  # all learn (4.85 → ~4.2)
