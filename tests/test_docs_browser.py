@@ -11,6 +11,7 @@ the maths page must hold MathJax's typeset output with no TeX error. Screenshots
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import http.server
 import shutil
@@ -57,9 +58,12 @@ def _notebook_page() -> str:
 def site():
     sphinx = pytest.importorskip("sphinx", reason="the docs extra: pip install -e '.[docs]'")
     del sphinx
-    if not (HTML / "index.html").exists():
-        done = subprocess.run([sys.executable, "-m", "psgd_lab.cli", "docs"], cwd=ROOT)
-        assert done.returncode == 0, "psgd-lab docs failed"
+    HTML.parent.mkdir(parents=True, exist_ok=True)
+    with open(HTML.parent / ".build.lock", "w") as lock:  # one build when xdist runs two workers
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (HTML / "index.html").exists():
+            done = subprocess.run([sys.executable, "-m", "psgd_lab.cli", "docs"], cwd=ROOT)
+            assert done.returncode == 0, "psgd-lab docs failed"
     handler = functools.partial(_QuietHandler, directory=str(HTML))
     with socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler) as server:
         thread = threading.Thread(target=server.serve_forever, daemon=True)
