@@ -79,25 +79,31 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def browser():
+    """A persistent Chromium context in a fresh profile (``--user-data-dir``, which Playwright
+    sets itself for a persistent context)."""
     playwright = pytest.importorskip(
         "playwright.sync_api", reason="the docs extra: pip install -e '.[docs]'"
     )
     profile = tempfile.mkdtemp(prefix="psgd-lab-chromium-")
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=str(CHROMIUM), args=[*FLAGS, f"--user-data-dir={profile}"]
+        context = p.chromium.launch_persistent_context(
+            profile,
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=FLAGS,
+            viewport={"width": 1280, "height": 900},
         )
-        yield browser
-        browser.close()
+        yield context
+        context.close()
     shutil.rmtree(profile, ignore_errors=True)
 
 
-def _open(browser, url: str, shot: str):
+def _open(context, url: str, shot: str):
     """Open ``url``; return (page, console errors, requests that tried to leave the machine)."""
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
     errors: list[str] = []
     outside: list[str] = []
     base = url.split("/", 3)[:3]
+    page = context.new_page()
 
     def route(r):
         if r.request.url.split("/", 3)[:3] == base or r.request.url.startswith("data:"):
@@ -106,8 +112,7 @@ def _open(browser, url: str, shot: str):
             outside.append(r.request.url)
             r.abort()
 
-    context.route("**/*", route)
-    page = context.new_page()
+    page.route("**/*", route)
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: errors.append(str(e)))
     response = page.goto(url, wait_until="load")
@@ -149,7 +154,7 @@ def test_page_renders(site, browser, name, path, min_images):
     if name == "api":  # the reference lists the optimisers from their docstrings
         text = page.inner_text("main")
         assert all(n in text for n in ("Kron", "LRA", "Dense", "KronPreconditioner"))
-    page.context.close()
+    page.close()
 
 
 def test_maths_page_typesets_its_equations(site, browser):
@@ -174,4 +179,4 @@ def test_maths_page_typesets_its_equations(site, browser):
     page.screenshot(path=str(SHOTS / "maths-equation.png"), full_page=False)
     assert errors == [], f"console errors on the maths page: {errors}"
     assert outside == [], f"the maths page tried to load from another host: {outside}"
-    page.context.close()
+    page.close()
