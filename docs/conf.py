@@ -31,7 +31,6 @@ extensions = [
     "sphinx.ext.napoleon",  # the docstrings' "Args:" sections (Google style)
     "sphinx.ext.mathjax",
     "sphinx-mathjax-offline",
-    "sphinx.ext.viewcode",
 ]
 
 # --- the notebooks: every notebooks/*.ipynb, mirrored into docs/notebooks/ (gitignored) -------

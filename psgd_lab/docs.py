@@ -11,6 +11,7 @@ that names no ``id`` in its target page, and any resource a page would load from
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -93,8 +94,10 @@ def check_site(html_dir: Path = OUT) -> tuple[int, list[str]]:
 def build(out: Path = OUT, fresh: bool = True, quiet: bool = True) -> int:
     """Run Sphinx (warnings are errors, ``--keep-going`` lists them all); its exit status.
 
-    ``fresh`` re-reads every source (``-E``), so a warning in an unchanged page is not hidden by
-    Sphinx's saved environment."""
+    ``fresh`` empties a previous build in ``out`` and re-reads every source (``-E``), so no stale
+    page stays and a warning in an unchanged page is not hidden by Sphinx's saved environment."""
+    if fresh and (Path(out) / ".buildinfo").exists():  # a previous Sphinx build: no stale pages
+        shutil.rmtree(out)
     cmd = [sys.executable, "-m", "sphinx", "-b", "html", "-W", "--keep-going", "-j", "1"]
     cmd += (["-E"] if fresh else []) + (["-q"] if quiet else [])
     cmd += [str(SOURCE), str(out)]

@@ -151,8 +151,11 @@ def test_page_renders(site, browser, name, path, min_images):
     assert images >= min_images
     assert _broken_images(page) == []
     assert page.locator("h1").count() >= 1
+    if name == "notebook":  # a second screenshot at the notebook's first figure
+        page.locator("img").first.scroll_into_view_if_needed()
+        page.screenshot(path=str(SHOTS / "notebook-figure.png"), full_page=False)
     if name == "api":  # the reference lists the optimisers from their docstrings
-        text = page.inner_text("main")
+        text = page.inner_text("article")
         assert all(n in text for n in ("Kron", "LRA", "Dense", "KronPreconditioner"))
     page.close()
 
