@@ -1,6 +1,6 @@
-"""``psgd-lab reproduce | bench | nbval-matrix | info``: run the notebooks headless and regenerate
-``figures/``; time the optimisers side by side; check the notebooks under simulated machines;
-print versions."""
+"""``psgd-lab reproduce | bench | nbval-matrix | docs | info``: run the notebooks headless and
+regenerate ``figures/``; time the optimisers side by side; check the notebooks under simulated
+machines; build the documentation site offline and check its links; print versions."""
 
 from __future__ import annotations
 
@@ -137,7 +137,24 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument(
         "--compiled", action="store_true", help="also time Kron(compile=True) beside eager"
     )
+    docs = sub.add_parser(
+        "docs",
+        help="build the documentation site into docs/_build/html (offline, warnings are errors) "
+        "and check its internal links",
+    )
+    docs.add_argument("--out", type=Path, help="output folder (default: docs/_build/html)")
+    docs.add_argument(
+        "--incremental",
+        action="store_true",
+        help="reuse Sphinx's saved environment (faster; warnings of unchanged pages not repeated)",
+    )
+    docs.add_argument("--no-check", action="store_true", help="skip the link check")
     args = parser.parse_args(argv)
+    if args.command == "docs":
+        from . import docs as docs_mod
+
+        out = args.out or docs_mod.OUT
+        return docs_mod.main(out, fresh=not args.incremental, check=not args.no_check)
     if args.command == "info":
         return info()
     if args.command == "nbval-matrix":

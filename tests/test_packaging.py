@@ -17,7 +17,7 @@ def _name(req: str) -> str:
 def _pyproject() -> dict[str, str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     reqs = list(project["dependencies"])
-    for extra in ("lab", "test", "integrations"):
+    for extra in ("lab", "test", "integrations", "docs"):
         reqs += project["optional-dependencies"][extra]
     return {_name(r): r.replace(" ", "") for r in reqs}
 
@@ -53,31 +53,46 @@ def test_ci_runs_the_readme_test_command_verbatim():
     assert commands[1] in (ROOT / ".ci" / "run").read_text()
 
 
-def _readme_examples() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+def _examples(page: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / page).read_text(), re.S)
 
 
-def _readme_example(marker: str) -> str:
-    """The README's Python example containing ``marker`` (exactly one)."""
-    (code,) = [c for c in _readme_examples() if marker in c]
+def _example(page: str, marker: str) -> str:
+    """The Python example of ``page`` (README.md or a docs page) containing ``marker`` (one)."""
+    (code,) = [c for c in _examples(page) if marker in c]
     return code
 
 
+def _run(page: str, marker: str) -> None:
+    exec(compile(_example(page, marker), page, "exec"), {})
+
+
 def test_readme_kron_example_trains(capsys):
-    exec(compile(_readme_example("Kron(model.parameters()"), "README.md", "exec"), {})
+    _run("README.md", "Kron(model.parameters()")
     (line,) = capsys.readouterr().out.splitlines()
     assert float(line.split()[-1]) > 0.95
 
 
-def test_readme_primitives_example_runs_and_fits(capsys):
-    exec(compile(_readme_example("KronPreconditioner("), "README.md", "exec"), {})
+def test_docs_kron_guide_example_is_the_readme_one():
+    marker = "Kron(model.parameters()"
+    assert _example("docs/guide/kron.md", marker) == _example("README.md", marker)
+
+
+def test_docs_newton_example_reaches_least_squares(capsys):
+    _run("docs/guide/kron.md", 'mode="newton"')
+    (line,) = capsys.readouterr().out.splitlines()
+    assert float(line.split()[1]) < 0.70  # the page states ~0.66 (optimum 0.6348)
+
+
+def test_docs_primitives_example_runs_and_fits(capsys):
+    _run("docs/guide/primitives.md", "KronPreconditioner(")
     dist, diag = capsys.readouterr().out.splitlines()
     assert float(re.search(r"tensor\(([^,]+),", dist).group(1)) < 1e-10
     assert diag == "(True, False)"
 
 
-def test_readme_structures_example_runs(capsys):
-    exec(compile(_readme_example("presets.make("), "README.md", "exec"), {})
+def test_docs_structures_example_runs(capsys):
+    _run("docs/guide/structures.md", "presets.make(")
     assert "| `geometry` | `'Q0.5EQ1.5'` |" in capsys.readouterr().out
 
 
