@@ -17,7 +17,7 @@ def _name(req: str) -> str:
 def _pyproject() -> dict[str, str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     reqs = list(project["dependencies"])
-    for extra in ("lab", "test", "integrations", "docs"):
+    for extra in ("lab", "test", "integrations", "docs", "compare"):
         reqs += project["optional-dependencies"][extra]
     return {_name(r): r.replace(" ", "") for r in reqs}
 
