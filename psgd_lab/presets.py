@@ -7,7 +7,12 @@ prints the settings as a Markdown table; ``PRESETS`` holds them all.
 Sources: kron-torch 0.3.3's ``Kron`` (``"kron-torch"``: ``Kron``'s own defaults) and the PSGD
 reference implementation (X.-L. Li's ``psgd_torch``, ``psgd.py``): ``KronWhiten``,
 ``KronNewton``, ``LRAWhiten``, ``LRANewton`` and ``DenseNewton`` with their constructors'
-defaults. What psgd_lab cannot reproduce exactly is listed in each preset's ``differences``.
+defaults. The current ``psgd.py`` (Oct. 2025) keeps only ``KronWhiten``; the others are the
+Sept. 2025 file's, the last that published them. psgd_lab's rules use the current file's helpers
+(the random subspace norm bound, the Procrustes step of at most 1/8, damping
+``(λ + eps·|h|)·n``). What psgd_lab does differently is listed in each preset's ``differences``;
+``tests/test_presets.py`` checks every reference preset's first 20 steps against the reference's
+step written out from those formulas, with the differences kept on the test's side.
 """
 
 from __future__ import annotations
@@ -43,6 +48,22 @@ _COIN = (
     "the reference decides each preconditioner update with a coin flip of probability p; "
     "psgd_lab's counter rule updates every 1/p steps (the same at p = 1)"
 )
+_DTYPE = (
+    "the reference keeps Q in the parameters' dtype; Kron's precond_dtype=None keeps it in "
+    "float32 (pass precond_dtype=torch.float64 for float64 parameters)"
+)
+_PROCRUSTES = (
+    "the Procrustes step normalises R = Q^T - Q by a one-step power bound (the current psgd.py: a "
+    "random subspace bound; Sept. 2025: a one-step bound and a largest step of 0.2, not 1/8): the "
+    "same rotation whenever the line search sets the step, i.e. while Q stays near symmetric "
+    "(every step of tests/test_presets.py)"
+)
+_SEPT = (
+    "KronNewton and DenseNewton are the Sept. 2025 psgd.py's, whose norm bound of T1 + T2 was "
+    "one power step from the largest row (psgd_lab: the current file's random subspace bound, "
+    "tighter, so L_i is larger by the gap) and whose damping was lambda*n (psgd_lab: "
+    "(lambda + eps|h|)*n, the same to round-off)"
+)
 
 
 @dataclass(frozen=True)
@@ -62,7 +83,18 @@ PRESETS: dict[str, Preset] = {
         Kron,
         dict(_REF_KRON, lr=0.001),
         "psgd_torch psgd.py, KronWhiten(...) defaults",
-        (_MOMENTUM, _INIT, _COIN),
+        (
+            _MOMENTUM,
+            _INIT,
+            _COIN,
+            _DTYPE,
+            _PROCRUSTES,
+            "the current psgd.py's KronWhiten clips by default (grad_clip_max_amps=(2.0, 10.0): "
+            "each tensor's update to RMS 2, then every entry to [-10, 10]); the preset keeps the "
+            "Sept. 2025 default, no clip (grad_clip_max_amp=inf; when set, clip='global'). "
+            "clip='tensor', clip_max_amp=2.0 gives the current RMS clip; psgd_lab has no "
+            "entry-wise clamp",
+        ),
     ),
     "reference-kron-newton": Preset(
         Kron,
@@ -72,8 +104,11 @@ PRESETS: dict[str, Preset] = {
             _MOMENTUM,
             _INIT,
             _COIN,
+            _DTYPE,
+            _PROCRUSTES,
+            _SEPT,
             "KronNewton's optional grad_clip_max_norm (off by default) clips the norm; psgd_lab "
-            "clips the RMS (clip='global')",
+            "clips the RMS: clip='global' with clip_max_amp = max_norm / sqrt(n) is that clip",
         ),
     ),  # fmt: skip
     "reference-lra-whiten": Preset(
@@ -95,6 +130,8 @@ PRESETS: dict[str, Preset] = {
         (
             _MOMENTUM,
             _COIN,
+            _PROCRUSTES,
+            _SEPT,
             "the reference's DenseNewton normalises each step by |a|^2 + |v|^2, an upper bound "
             "of the norm of the rank-2 term a a^T + v v^T; psgd_lab's dense rules are Kron's, "
             "normalised by an estimate of that norm itself, so its steps are up to 2x larger",
