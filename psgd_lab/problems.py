@@ -4,7 +4,7 @@
 - an ill-conditioned Kronecker quadratic: ``kron_quadratic``;
 - a small real task: sklearn's bundled digits (``digits``) and an MLP for it (``mlp``);
 - ready tasks for ``psgd_lab.experiment`` (factories ``f(seed, **params) -> Trial``):
-  ``linear_regression`` (a second, in milliseconds) and ``digits_mlp``.
+  ``linear_regression`` (a second, in milliseconds), ``digits_mlp`` and ``digits_cnn``.
 """
 
 from __future__ import annotations
@@ -160,6 +160,48 @@ def digits_mlp(seed: int, sizes=(64, 32, 10), batch: int = 64, split_seed: int =
 
     X_train, y_train, X_test, y_test = _digits(split_seed)
     model = mlp(tuple(sizes), seed)
+
+    def images(step: int):
+        idx = torch.randint(0, len(y_train), (batch,), generator=batch_generator(seed, step))
+        return X_train[idx], y_train[idx]
+
+    def loss(m, b):
+        return F.cross_entropy(m(b[0]), b[1])
+
+    def test_loss(m) -> float:
+        return F.cross_entropy(m(X_test), y_test).item()
+
+    return Trial(model, images, loss, test_loss)
+
+
+def cnn(channels=(8, 16), seed: int = 0) -> torch.nn.Module:
+    """A small tanh conv net for 8x8 one-channel images: a 3x3 convolution to ``channels[0]``
+    maps (padding 1), a stride-2 3x3 convolution to ``channels[1]`` maps of 4x4, and a linear
+    read-out to 10 classes; initialised from ``seed`` (global RNG untouched)."""
+    a, b = channels
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(1, a, 3, padding=1),
+            torch.nn.Tanh(),
+            torch.nn.Conv2d(a, b, 3, stride=2, padding=1),
+            torch.nn.Tanh(),
+            torch.nn.Flatten(),
+            torch.nn.Linear(b * 4 * 4, 10),
+        )
+
+
+def digits_cnn(seed: int, channels=(8, 16), batch: int = 64, split_seed: int = 0):
+    """sklearn's digits as 1x8x8 images with a small conv net (``cnn``), as an
+    ``experiment.Trial``: the split from ``split_seed`` (the same for every seed), the net
+    initialised from ``seed``, minibatches of ``batch`` training images drawn from
+    ``(seed, step)``; loss cross-entropy; metric the test cross-entropy (nats). Its parameters
+    are 4-D convolution kernels, 2-D and 1-D tensors, so Kron meets each kind of shape."""
+    from .experiment import Trial, batch_generator
+
+    X_train, y_train, X_test, y_test = _digits(split_seed)
+    X_train, X_test = X_train.reshape(-1, 1, 8, 8), X_test.reshape(-1, 1, 8, 8)
+    model = cnn(tuple(channels), seed)
 
     def images(step: int):
         idx = torch.randint(0, len(y_train), (batch,), generator=batch_generator(seed, step))
