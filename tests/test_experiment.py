@@ -308,3 +308,32 @@ def test_rerun_trains_a_stored_run_live_and_compares(tmp_path, monkeypatch):
         result.rerun("adam", seed=9)
     with pytest.raises(ValueError, match="lr must be on"):
         result.rerun("adam", lr=0.5)
+
+
+def test_digits_mlp_metrics_measure_what_they_name():
+    import torch.nn.functional as F
+
+    X_train, y_train, X_test, y_test = problems.digits(0)
+    trials = {m: problems.digits_mlp(3, sizes=(64, 16, 10), metric=m)
+              for m in problems.DIGITS_METRICS}  # fmt: skip
+    model = trials["test_loss"].model
+    for trial in trials.values():  # the same seed: the same model and batches, whatever the metric
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), trial.model.parameters()))
+        assert torch.equal(trial.batch(7)[1], trials["test_loss"].batch(7)[1])
+    with torch.no_grad():
+        assert trials["test_loss"].metric(model) == F.cross_entropy(model(X_test), y_test).item()
+        wrong = int((model(X_test).argmax(1) != y_test).sum())
+        assert 0 < wrong < len(y_test)  # untrained: most images wrong, as a percentage of 449
+        assert trials["test_error"].metric(model) == pytest.approx(100 * wrong / len(y_test))
+
+        # a model that fits every training image with margin 40: float32's cross-entropy rounds
+        # to 0, the float64 train loss resolves log(1 + 9 e^-40) = 9 e^-40
+        class Fitted(torch.nn.Module):
+            def forward(self, x):
+                return 40.0 * F.one_hot(y_train, 10).float()
+
+        assert F.cross_entropy(Fitted()(X_train), y_train).item() == 0.0
+        fit64 = problems.digits_mlp(0, metric="train_loss").metric(Fitted())
+        assert fit64 == pytest.approx(9 * math.exp(-40), rel=1e-6)
+    with pytest.raises(ValueError, match="metric must be one of"):
+        problems.digits_mlp(0, metric="accuracy")
