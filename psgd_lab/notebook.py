@@ -193,7 +193,9 @@ def _rounds_to(stated: str, printed: float) -> bool:
     )
 
 
-def unprinted_numbers(path, heading: str = "## Answer", small: int = 20) -> list[str]:
+def unprinted_numbers(
+    path, heading: str = "## Answer", small: int = 20, text: str | None = None
+) -> list[str]:
     """Numbers in a notebook's answer cell that none of its outputs prints.
 
     The answer is the markdown cell starting with ``heading``. A stated number counts as printed
@@ -201,16 +203,19 @@ def unprinted_numbers(path, heading: str = "## Answer", small: int = 20) -> list
     HTML) rounds to it at the precision it is written with (``0.031`` matches a printed
     ``0.03104``; ``57%`` matches ``57.2%`` or ``0.572``), or when it is written verbatim in a code
     cell's source (a setting, e.g. an lr). Skipped: integers below ``small`` (counts of seeds,
-    notebook numbers), code spans, link targets and section marks (``§5.4``).
+    notebook numbers), code spans, link targets and section marks (``§5.4``). ``text``: check
+    this text (e.g. the notebook's summary in docs/findings.md) instead of the answer cell.
     """
     import nbformat
 
     nb = nbformat.read(str(path), as_version=4)
-    answers = [c.source for c in nb.cells if c.cell_type == "markdown"
-               and c.source.startswith(heading)]  # fmt: skip
-    if not answers:
-        return [f"<no cell starting with {heading!r}>"]
-    text = re.sub(r"`[^`]*`|\]\([^)]*\)|§\s*[\d.]+|\b\d\d_\w+", " ", answers[-1])
+    if text is None:
+        answers = [c.source for c in nb.cells if c.cell_type == "markdown"
+                   and c.source.startswith(heading)]  # fmt: skip
+        if not answers:
+            return [f"<no cell starting with {heading!r}>"]
+        text = answers[-1]
+    text = re.sub(r"`[^`]*`|\]\([^)]*\)|§\s*[\d.]+|\b\d\d_\w+", " ", text)
     printed, sources = [], []
     for cell in nb.cells:
         if cell.cell_type != "code":

@@ -1,6 +1,7 @@
 """Every number a notebook's answer states is printed by that notebook (or is a setting in its
 code): ``psgd_lab.notebook.unprinted_numbers``, checked on the stored outputs of every notebook."""
 
+import re
 from pathlib import Path
 
 import nbformat
@@ -44,3 +45,21 @@ def test_settings_in_code_small_counts_and_code_spans_are_not_results(tmp_path):
     assert unprinted_numbers(_notebook(tmp_path, "no answer", "")) == [
         "<no cell starting with '## Answer'>"
     ]
+
+
+def _summaries() -> dict[str, str]:
+    """docs/findings.md's one-paragraph summary per notebook: ``**NN.** ...`` up to a blank line."""
+    text = (NOTEBOOKS[0].parent.parent / "docs" / "findings.md").read_text()
+    found = re.findall(r"^\*\*(\d\d)\.\*\*(.*?)(?=\n\s*\n|\Z)", text, flags=re.M | re.S)
+    return {number: body for number, body in found}
+
+
+def test_every_notebook_has_a_summary():
+    numbers = {p.name[:2] for p in NOTEBOOKS}
+    assert numbers <= set(_summaries())
+
+
+@pytest.mark.parametrize("number", sorted(_summaries()))
+def test_every_number_in_a_summary_is_printed_by_its_notebook(number):
+    (path,) = [p for p in NOTEBOOKS if p.name.startswith(number)]
+    assert unprinted_numbers(path, text=_summaries()[number]) == []
