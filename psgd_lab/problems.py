@@ -5,7 +5,9 @@
 - a small real task: sklearn's bundled digits (``digits``) and an MLP for it (``mlp``);
 - ready tasks for ``psgd_lab.experiment`` (factories ``f(seed, **params) -> Trial``):
   ``linear_regression`` (a second, in milliseconds), ``digits_mlp`` (test loss, test error
-  or float64 train loss as the metric) and ``digits_cnn``.
+  or training-set loss as the metric), ``digits_cnn``, ``rosenbrock`` (the chained Rosenbrock
+  function), ``rotated_regression`` (least squares whose ill-conditioned input covariance is not
+  axis-aligned) and ``first_input_rnn`` (a tanh RNN that must remember its first input).
 """
 
 from __future__ import annotations
@@ -152,7 +154,7 @@ def _digits(split_seed: int):
     return digits(split_seed)  # read-only tensors, shared by the runs of one process
 
 
-DIGITS_METRICS = ("test_loss", "test_error", "train_loss")
+DIGITS_METRICS = ("test_loss", "test", "test_error", "train_loss", "train")
 
 
 def digits_mlp(
@@ -161,14 +163,17 @@ def digits_mlp(
     batch: int = 64,
     split_seed: int = 0,
     metric: str = "test_loss",
+    dtype: str = "float32",
 ):
     """sklearn's digits with a tanh MLP, as an ``experiment.Trial``: the split from
     ``split_seed`` (the same for every seed), the MLP initialised from ``seed``, minibatches of
     ``batch`` training images drawn from ``(seed, step)``; loss cross-entropy. ``metric``:
-    ``"test_loss"`` the test cross-entropy (nats), ``"test_error"`` the test error rate (%, one
-    image of the 449 is 0.22 points), or ``"train_loss"`` the full training-set cross-entropy,
-    computed in float64 from the float32 logits so that it keeps resolving a fitted model's
-    progress below float32's ~1e-7 floor."""
+    ``"test_loss"`` (or ``"test"``) the test cross-entropy (nats), ``"test_error"`` the test
+    error rate (%, one image of the 449 is 0.22 points), ``"train"`` the whole training set's
+    cross-entropy (how well an optimiser optimises) in the model's dtype, or ``"train_loss"`` the
+    same computed in float64 from the logits, so that it keeps resolving a fitted float32 model's
+    progress below float32's ~1e-7 floor. ``dtype``: ``"float32"`` or ``"float64"`` (data and
+    model)."""
     from .experiment import Trial, batch_generator
 
     if metric not in DIGITS_METRICS:
@@ -176,7 +181,9 @@ def digits_mlp(
             f"metric must be one of {', '.join(map(repr, DIGITS_METRICS))}; got {metric!r}"
         )
     X_train, y_train, X_test, y_test = _digits(split_seed)
-    model = mlp(tuple(sizes), seed)
+    dt = _dtype(dtype)
+    X_train, X_test = X_train.to(dt), X_test.to(dt)
+    model = mlp(tuple(sizes), seed).to(dt)
 
     def images(step: int):
         idx = torch.randint(0, len(y_train), (batch,), generator=batch_generator(seed, step))
@@ -186,10 +193,12 @@ def digits_mlp(
         return F.cross_entropy(m(b[0]), b[1])
 
     def evaluate(m) -> float:
-        if metric == "test_loss":
+        if metric in ("test_loss", "test"):
             return F.cross_entropy(m(X_test), y_test).item()
         if metric == "test_error":
             return 100 * (m(X_test).argmax(1) != y_test).double().mean().item()
+        if metric == "train":
+            return F.cross_entropy(m(X_train), y_train).item()
         return F.cross_entropy(m(X_train).double(), y_train).item()
 
     return Trial(model, images, loss, evaluate)
@@ -235,3 +244,155 @@ def digits_cnn(seed: int, channels=(8, 16), batch: int = 64, split_seed: int = 0
         return F.cross_entropy(m(X_test), y_test).item()
 
     return Trial(model, images, loss, test_loss)
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64'; got {name!r}")
+    return getattr(torch, name)
+
+
+class _Point(torch.nn.Module):
+    """A bare parameter tensor as a module (the optimisation variable of a test function)."""
+
+    def __init__(self, x: torch.Tensor):
+        super().__init__()
+        self.x = torch.nn.Parameter(x)
+
+
+def rosenbrock_value(x: torch.Tensor) -> torch.Tensor:
+    """The chained Rosenbrock function over the flattened ``x``:
+    ``sum_i 100 (x_{i+1} − x_i²)² + (1 − x_i)²``; minimum 0 at all ones."""
+    x = x.reshape(-1)
+    return (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()
+
+
+def rosenbrock(seed: int, shape=(2,), dtype: str = "float64"):
+    """The chained Rosenbrock function on a parameter of ``shape`` from the classic start (−1.2 at
+    even flat positions, 1 at odd ones), as an ``experiment.Trial``; loss and metric the
+    function's value. Deterministic: the start is the same for every seed, so a seed changes
+    only what the optimiser draws (pass ``experiment.SEED`` as Kron's ``seed``)."""
+    from .experiment import Trial
+
+    shape = tuple(int(d) for d in shape)
+    x = torch.ones(math.prod(shape), dtype=_dtype(dtype))
+    x[0::2] = -1.2
+    model = _Point(x.reshape(shape))
+
+    def loss(m, batch):
+        return rosenbrock_value(m.x)
+
+    def value(m) -> float:
+        return rosenbrock_value(m.x).item()
+
+    return Trial(model, lambda step: None, loss, value)
+
+
+def rotated_regression(
+    seed: int,
+    out: int = 4,
+    d: int = 16,
+    cond: float = 1e3,
+    batch: int = 32,
+    n: int | None = None,
+    noise: float = 0.1,
+    init_std: float = 0.0,
+    dtype: str = "float64",
+):
+    """Multi-output least squares ``y = W* x + noise · ε`` whose input covariance
+    ``Σ = U diag(λ) Uᵀ`` (``λ`` log-spaced from 1 to ``1/cond``) has a random basis ``U``, so a
+    diagonal preconditioner cannot undo it and a dense ``d x d`` factor can; as an
+    ``experiment.Trial``.
+
+    ``U`` and ``W*`` (shape ``out x d``) come from generator 0, the same for every seed. ``n=None``
+    streams: every step draws ``batch`` fresh inputs from ``(seed, step)``, and the metric is the
+    excess risk ``½ tr(E Σ Eᵀ)`` with ``E = W − W*``. An integer ``n`` fixes ``n`` samples (drawn
+    from generator 0), each step takes ``batch`` of them (indices from ``(seed, step)``) and the
+    metric is ``½ tr(E Σ̂ Eᵀ)`` with the sample covariance ``Σ̂ = XᵀX/n``: with ``noise=0`` that
+    is the loss on all ``n`` samples. ``nn.Linear(d, out, bias=False)`` with weights zero
+    (``init_std=0``) or normal with ``init_std`` from ``seed``; loss ½ mean squared error summed
+    over outputs.
+    """
+    from .experiment import Trial, batch_generator
+
+    dt = _dtype(dtype)
+    gen = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    lam = torch.logspace(0, -math.log10(cond), d, dtype=torch.float64)
+    root = U @ torch.diag(lam.sqrt())  # x = root z, z ~ N(0, I): covariance U diag(lam) Uᵀ
+    w_star = torch.randn(out, d, generator=gen, dtype=torch.float64)
+    if n is None:
+        cov = U @ torch.diag(lam) @ U.T
+    else:
+        X_all = torch.randn(n, d, generator=gen, dtype=torch.float64) @ root.T
+        Y_all = X_all @ w_star.T + noise * torch.randn(n, out, generator=gen, dtype=torch.float64)
+        cov = X_all.T @ X_all / n
+        X_all, Y_all = X_all.to(dt), Y_all.to(dt)
+    root, w_star, cov = root.to(dt), w_star.to(dt), cov.to(dt)
+    model = torch.nn.Linear(d, out, bias=False).to(dt)
+    with torch.no_grad():
+        if init_std > 0:
+            g = torch.Generator().manual_seed(seed)
+            model.weight.copy_(init_std * torch.randn(out, d, generator=g, dtype=dt))
+        else:
+            model.weight.zero_()
+
+    def rows(step: int):
+        g = batch_generator(seed, step)
+        if n is None:
+            X = torch.randn(batch, d, generator=g, dtype=dt) @ root.T
+            return X, X @ w_star.T + noise * torch.randn(batch, out, generator=g, dtype=dt)
+        idx = torch.randint(0, n, (batch,), generator=g)
+        return X_all[idx], Y_all[idx]
+
+    def loss(m, b):
+        return 0.5 * (m(b[0]) - b[1]).square().sum(1).mean()
+
+    def excess(m) -> float:
+        E = m.weight - w_star
+        return float(0.5 * torch.trace(E @ cov @ E.T))
+
+    return Trial(model, rows, loss, excess)
+
+
+class FirstInputRNN(torch.nn.Module):
+    """A tanh ``torch.nn.RNN(1, hidden)`` without biases and a linear read-out of the last hidden
+    state."""
+
+    def __init__(self, hidden: int = 16):
+        super().__init__()
+        self.rnn = torch.nn.RNN(1, hidden, batch_first=True, bias=False)
+        self.head = torch.nn.Linear(hidden, 1, bias=False)
+
+    def forward(self, x):
+        h, _ = self.rnn(x)
+        return self.head(h[:, -1])
+
+
+def first_input_rnn(
+    seed: int, hidden: int = 16, length: int = 20, batch: int = 64, n_val: int = 512,
+    dtype: str = "float64",
+):  # fmt: skip
+    """A memory task as an ``experiment.Trial``: ``FirstInputRNN(hidden)`` reads ``length``
+    Gaussian inputs and must output the **first**; the model is initialised from ``seed``,
+    each step draws ``batch`` fresh sequences from ``(seed, step)``; loss and metric the mean
+    squared error, the metric on ``n_val`` held-out sequences (generator 99, the same for every
+    seed), where predicting 0 scores their mean square, about 1."""
+    from .experiment import Trial, batch_generator
+
+    dt = _dtype(dtype)
+    X_val = torch.randn(n_val, length, 1, generator=torch.Generator().manual_seed(99)).to(dt)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = FirstInputRNN(hidden).to(dt)
+
+    def sequences(step: int):
+        return torch.randn(batch, length, 1, generator=batch_generator(seed, step), dtype=dt)
+
+    def loss(m, x):
+        return F.mse_loss(m(x), x[:, 0])
+
+    def val(m) -> float:
+        return F.mse_loss(m(X_val), X_val[:, 0]).item()
+
+    return Trial(model, sequences, loss, val)
