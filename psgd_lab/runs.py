@@ -8,13 +8,45 @@ on for the cache; ``Runner`` takes each result from the cache or computes it, in
 
 from __future__ import annotations
 
+import importlib
 import math
 import multiprocessing
 import time
 
+import numpy as np
 import torch
 
 from .cache import FORMAT, canonical
+
+
+def resolve_optimizer(spec: str | type) -> type:
+    """The optimiser class ``spec`` names (see ``Config``)."""
+    if isinstance(spec, type):
+        return spec
+    if isinstance(spec, str):
+        if spec == "Kron":
+            from .optim import Kron
+
+            return Kron
+        if hasattr(torch.optim, spec):
+            return getattr(torch.optim, spec)
+        module, _, name = spec.rpartition(".")
+        if module:
+            try:
+                return getattr(importlib.import_module(module), name)
+            except (ImportError, AttributeError):
+                pass
+    raise ValueError(
+        "optimizer must be 'Kron', a torch.optim class name ('AdamW', 'SGD', ...), a dotted "
+        f"path 'package.module.Class' or an optimiser class; got {spec!r}"
+    )
+
+
+def batch_generator(seed: int, step: int) -> torch.Generator:
+    """A torch generator seeded from ``(seed, step)`` alone: draw step ``step``'s batch from it,
+    and the batch order is the same whatever the optimiser did before."""
+    state = np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
 
 
 def run_one(
