@@ -47,7 +47,7 @@ class Kron(torch.optim.Optimizer):
     dims get diagonal factors (docs/maths.md §4); ``precond_init_scale=None``: the data-driven
     scale).
 
-    Keyword-only, beyond kron-torch (defaults keep its behaviour; the README's table has more):
+    Keyword-only, beyond kron-torch (defaults keep its behaviour; docs/guide/kron.md has the table):
 
     Args:
         geometry: the Lie-group rule, a name registered in ``psgd_lab.geometry.REGISTRY``.
