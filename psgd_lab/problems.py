@@ -174,7 +174,8 @@ def digits_mlp(
     same computed in float64 from the logits, so that it keeps resolving a fitted float32 model's
     progress below float32's ~1e-7 floor. ``dtype``: ``"float32"`` or ``"float64"`` (data and
     model)."""
-    from .experiment import Trial, batch_generator
+    from .experiment import Trial
+    from .runs import cross_entropy_loss, minibatches
 
     if metric not in DIGITS_METRICS:
         raise ValueError(
@@ -185,12 +186,8 @@ def digits_mlp(
     X_train, X_test = X_train.to(dt), X_test.to(dt)
     model = mlp(tuple(sizes), seed).to(dt)
 
-    def images(step: int):
-        idx = torch.randint(0, len(y_train), (batch,), generator=batch_generator(seed, step))
-        return X_train[idx], y_train[idx]
-
-    def loss(m, b):
-        return F.cross_entropy(m(b[0]), b[1])
+    images = minibatches(X_train, y_train, batch, seed)
+    loss = cross_entropy_loss
 
     def evaluate(m) -> float:
         if metric in ("test_loss", "test"):
@@ -227,18 +224,15 @@ def digits_cnn(seed: int, channels=(8, 16), batch: int = 64, split_seed: int = 0
     initialised from ``seed``, minibatches of ``batch`` training images drawn from
     ``(seed, step)``; loss cross-entropy; metric the test cross-entropy (nats). Its parameters
     are 4-D convolution kernels, 2-D and 1-D tensors, so Kron meets each kind of shape."""
-    from .experiment import Trial, batch_generator
+    from .experiment import Trial
+    from .runs import cross_entropy_loss, minibatches
 
     X_train, y_train, X_test, y_test = _digits(split_seed)
     X_train, X_test = X_train.reshape(-1, 1, 8, 8), X_test.reshape(-1, 1, 8, 8)
     model = cnn(tuple(channels), seed)
 
-    def images(step: int):
-        idx = torch.randint(0, len(y_train), (batch,), generator=batch_generator(seed, step))
-        return X_train[idx], y_train[idx]
-
-    def loss(m, b):
-        return F.cross_entropy(m(b[0]), b[1])
+    images = minibatches(X_train, y_train, batch, seed)
+    loss = cross_entropy_loss
 
     def test_loss(m) -> float:
         return F.cross_entropy(m(X_test), y_test).item()

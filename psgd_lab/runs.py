@@ -49,6 +49,22 @@ def batch_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
+def minibatches(X: torch.Tensor, y: torch.Tensor, batch: int, seed: int):
+    """``step -> (X[idx], y[idx])``: ``batch`` rows drawn uniformly from ``(seed, step)`` alone
+    (``batch_generator``), the sampler every classification task of the harness shares."""
+
+    def sample(step: int):
+        idx = torch.randint(0, len(y), (batch,), generator=batch_generator(seed, step))
+        return X[idx], y[idx]
+
+    return sample
+
+
+def cross_entropy_loss(model, b) -> torch.Tensor:
+    """The training loss of a ``(inputs, labels)`` minibatch: cross-entropy of the logits."""
+    return torch.nn.functional.cross_entropy(model(b[0]), b[1])
+
+
 def run_one(
     task,
     config,

@@ -190,7 +190,8 @@ def mnist1d_task(seed: int, kind: str = "mlp", width: int = 100, batch: int = 10
     """MNIST-1D classification with an MLP (``kind="mlp"``, ``width`` hidden units) or a 1-D
     CNN (``"cnn"``, ``width`` channels); minibatches of ``batch`` from ``(seed, step)``; metric
     the test cross-entropy (``"loss"``) or the test error rate (``"error"``, 1 − accuracy)."""
-    from .experiment import Trial, batch_generator
+    from .experiment import Trial
+    from .runs import cross_entropy_loss, minibatches
 
     if metric not in ("loss", "error"):
         raise ValueError(f"metric must be 'loss' or 'error'; got {metric!r}")
@@ -198,12 +199,8 @@ def mnist1d_task(seed: int, kind: str = "mlp", width: int = 100, batch: int = 10
     torch.manual_seed(seed)
     model = _mnist1d_model(kind, width)
 
-    def rows(step: int):
-        idx = torch.randint(0, len(y), (batch,), generator=batch_generator(seed, step))
-        return x[idx], y[idx]
-
-    def loss(m, b):
-        return F.cross_entropy(m(b[0]), b[1])
+    rows = minibatches(x, y, batch, seed)
+    loss = cross_entropy_loss
 
     def evaluate(m) -> float:
         logits = m(xt)
