@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from psgd_reference import F64, RefKron, apply_p, bound, procrustes
 
 from psgd_lab import LRA, Kron, lra, presets
 from psgd_lab.optim.streams import stream_seed
@@ -128,9 +129,6 @@ def test_lra_class_is_what_the_lra_presets_build():
 # (``stream_seed``): per parameter and update the probe ``v``, the damping noise, then one
 # (32, d) start per dense factor; the reference draws the same things from the global RNG.
 
-F64 = torch.float64
-TINY = torch.finfo(F64).smallest_normal
-
 
 def _spd(d: int, gen: torch.Generator) -> torch.Tensor:
     A = torch.randn(d, d, generator=gen, dtype=F64) / d**0.5
@@ -152,96 +150,6 @@ def _two_tensors(seed: int = 0):
         return quad + (W * b[:, None] * X[:5]).sum() + 0.05 * X.pow(4).sum()
 
     return [X, b], f
-
-
-def _bound(A: torch.Tensor, start: torch.Tensor, skew: bool = False) -> torch.Tensor:
-    """psgd.py's norm_lower_bound_spd/_skh: normalise, turn the random rows towards A's largest
-    row, two half-iterations ``V <- V A``, rows normalised, ``V A``; the largest row norm."""
-    nf = (A.abs().amax() if skew else A.diagonal().amax()) + TINY
-    A = A / nf
-    row = A[torch.argmax(torch.linalg.vector_norm(A, dim=1))]
-    V = row + torch.sign((row * start).sum(dim=1, keepdim=True)) * start
-    for _ in range(2):
-        V = V @ A
-        V = V / (torch.linalg.vector_norm(V, dim=1, keepdim=True) + TINY)
-        V = V @ A
-    return nf * torch.linalg.vector_norm(V, dim=1).amax()
-
-
-def _procrustes(q: torch.Tensor, start: torch.Tensor) -> None:
-    """psgd.py's procrustes_step2: rotate ``q`` by ``exp(aR)``, ``R = qᵀ − q`` normalised,
-    ``a = min(−tr(Rq)/tr(RRq), 1/8)`` when ``tr(RRq) < 0``."""
-    R = q.T - q
-    R = R / (_bound(R, start, skew=True) + TINY)
-    RQ = R @ q
-    RRQ = R @ RQ
-    tr_RQ, tr_RRQ = RQ.trace(), RRQ.trace()
-    a = torch.clamp(-tr_RQ / tr_RRQ, max=1 / 8) if tr_RRQ < 0 else torch.tensor(1 / 8, dtype=F64)
-    q.add_(a * (RQ + 0.5 * a * RRQ))
-
-
-def _along(q: torch.Tensor, i: int, X: torch.Tensor) -> torch.Tensor:
-    """Factor ``q`` (dense ``(d, d)`` or diagonal ``(d,)``) applied along axis ``i`` of ``X``."""
-    Xi = X.movedim(i, 0)
-    flat = Xi.reshape(Xi.shape[0], -1)
-    out = q[:, None] * flat if q.dim() == 1 else q @ flat
-    return out.reshape(Xi.shape).movedim(0, i)
-
-
-def _gram(i: int, X: torch.Tensor, dense: bool) -> torch.Tensor:
-    """psgd.py's exprGs[i](X, X): the contraction of X with itself over every axis but ``i``."""
-    Xi = X.movedim(i, 0).reshape(X.shape[i], -1)
-    return Xi @ Xi.T if dense else (Xi * Xi).sum(dim=1)
-
-
-def _apply_p(Q: list, X: torch.Tensor) -> torch.Tensor:
-    for i, q in enumerate(Q):
-        X = _along(q.T if q.dim() == 2 else q, i, _along(q, i, X))
-    return X
-
-
-class _RefKron:
-    """One tensor's Q (a list of factors) and L, as psgd.py's init_kron keeps them."""
-
-    def __init__(self, shape, dense: tuple[bool, ...]):
-        self.shape, self.dense = shape, dense
-        self.Q, self.L = None, [torch.zeros((), dtype=F64) for _ in shape]
-
-    def init(self, scale: torch.Tensor) -> None:
-        s = scale ** (1 / len(self.shape))
-        self.Q = [s * (torch.eye(d, dtype=F64) if dn else torch.ones(d, dtype=F64))
-                  for d, dn in zip(self.shape, self.dense)]  # fmt: skip
-
-    def _ema(self, i: int, ell: torch.Tensor) -> torch.Tensor:
-        self.L[i] = torch.maximum(0.9 * self.L[i] + 0.1 * ell, ell)
-        return self.L[i]
-
-    def whiten(self, G, noise, starts, turns, lr=0.1, damping=1e-9) -> None:
-        """update_precond_kron_whiten_q0p5eq1p5."""
-        n = G.numel()
-        Pg = _apply_p(self.Q, G + (damping + torch.finfo(F64).eps * G.abs()) * noise)
-        for i, q in enumerate(self.Q):
-            term1, term2 = _gram(i, Pg, self.dense[i]), n / q.shape[0]
-            if not self.dense[i]:
-                L = self._ema(i, term1.amax() + term2)
-                q.mul_(1 - lr / L * (term1 - term2))
-            else:
-                L = self._ema(i, _bound(term1, starts.pop(0)) + term2)
-                q.sub_(lr / L * (term1 @ q - term2 * q))
-                _procrustes(q, turns.pop(0))
-
-    def newton(self, V, Hv, noise, starts, turns, lr=0.1, damping=1e-9) -> None:
-        """update_precond_kron_newton_q0p5eq1p5."""
-        Ph = _apply_p(self.Q, Hv + damping * noise)
-        for i, q in enumerate(self.Q):
-            term1, term2 = _gram(i, Ph, self.dense[i]), _gram(i, V, self.dense[i])
-            if not self.dense[i]:
-                L = self._ema(i, (term1 + term2).amax())
-                q.mul_(1 - lr / L * (term1 - term2))
-            else:
-                L = self._ema(i, _bound(term1 + term2, starts.pop(0)))
-                q.sub_(lr / L * (term1 - term2) @ q)
-                _procrustes(q, turns.pop(0))
 
 
 def _draws(index: int, count: int, shape, dense_sizes):
@@ -299,7 +207,7 @@ def test_reference_kron_follows_the_published_step(name, clip):
     opt = presets.make(name, params, **overrides)
     lr = 0.01 if newton else 0.001
     theta = [p.detach().clone() for p in params]
-    ref = [_RefKron((6, 4), (False, True)), _RefKron((5,), (False,))]
+    ref = [RefKron((6, 4), (False, True)), RefKron((5,), (False,))]
     turns = torch.Generator().manual_seed(7)  # the current file's random Procrustes bound
     bound = 0
     for t in range(20):
@@ -323,7 +231,7 @@ def test_reference_kron_follows_the_published_step(name, clip):
                 if r.Q is None:
                     r.init((g.pow(4).mean() + 1e-36) ** (-1 / 8))
                 r.whiten(g, noise, starts, rot)
-        us = [_apply_p(r.Q, g) for r, g in zip(ref, grads)]
+        us = [apply_p(r.Q, g) for r, g in zip(ref, grads)]
         clipped = _clip(us, overrides.get("clip"), overrides.get("clip_max_amp"))
         bound += any(c is not u for c, u in zip(clipped, us))
         theta = [x - lr * u for x, u in zip(theta, clipped)]
@@ -372,10 +280,10 @@ def test_reference_dense_newton_follows_the_published_step():
             s = v.pow(2).mean() ** 0.25 * (h.pow(4).mean() + 1e-36) ** (-1 / 8)
             Q = s * torch.eye(29, dtype=F64)
         a = Q.T @ (Q @ (h + 1e-9 * noise))
-        ell = _bound(torch.outer(a, a) + torch.outer(v, v), start)  # the reference: a·a + v·v
+        ell = bound(torch.outer(a, a) + torch.outer(v, v), start)  # the reference: a·a + v·v
         L = torch.maximum(0.9 * L + 0.1 * ell, ell)
         Q = Q - 0.1 / L * (torch.outer(a, a @ Q) - torch.outer(v, v @ Q))
-        _procrustes(Q, torch.randn(32, 29, generator=turns, dtype=F64))
+        procrustes(Q, torch.randn(32, 29, generator=turns, dtype=F64))
         theta = theta - 0.01 * (Q.T @ (Q @ g))
         opt.zero_grad()
         opt.step(lambda: f(*params))
