@@ -885,3 +885,33 @@ def test_memory_warning_names_the_parameter_and_the_budget_bounds_it():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Kron([torch.nn.Parameter(torch.randn(64, 64))])  # an ordinary weight: no warning
+
+
+def test_importing_psgd_lab_does_not_import_torchdynamo():
+    """``Kron.step`` is kept out of a compiled graph without ``torch.compiler.disable`` at import
+    time, which would import TorchDynamo (~2 s) in every process that imports psgd_lab."""
+    code = "import sys, psgd_lab; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_a_compiled_training_step_runs_kron_step_eagerly():
+    """Under ``torch.compile`` the step is skipped by TorchDynamo: no op of the preconditioner
+    update enters a graph (the only graphs are the model's forward and backward)."""
+    import torch._dynamo
+
+    model = mlp((6, 8, 1), seed=1)
+    opt = Kron(model.parameters(), lr=1e-2)
+    x, y = torch.randn(32, 6, generator=torch.Generator().manual_seed(0)), torch.ones(32, 1)
+
+    def train_step():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    explained = torch._dynamo.explain(train_step)()
+    ops = [str(n.target) for g in explained.graphs for n in g.graph.nodes]
+    assert not any("linalg" in op or "triu" in op for op in ops), ops
+    assert opt.state[next(iter(model.parameters()))]["step"] >= 1  # it did run

@@ -23,6 +23,7 @@ from ..schedules import precond_update_prob_schedule
 from ..structure import KronPlan
 from . import checkpoint, memory, newton, placement
 from .apply import clip_global
+from .compiling import eager_under_compile
 from .config import (
     Hyper,
     check_group,
@@ -202,7 +203,7 @@ class Kron(torch.optim.Optimizer):
         self._nonfinite.set(n)
 
     # ------------------------------------------------------------------ the step
-    @torch.compiler.disable  # a compiled training step calls it eagerly (compile=True compiles
+    @eager_under_compile  # a compiled training step calls it eagerly (compile=True compiles
     @torch.no_grad()  # the grouped kernel itself)
     def step(self, closure: Callable | None = None):
         """One optimisation step. ``closure`` re-evaluates the model and returns the loss; in
