@@ -215,19 +215,25 @@ def test_autocast_with_bf16_parameters_trains_like_float32():
     assert losses[-1] == pytest.approx(f32[-1], rel=0.02)  # measured: 0.2389 vs 0.2388
 
 
+def _mlp_training_step():
+    """(model, opt, train_step): one Kron step on a small MLP, a function to compile."""
+    model = mlp((6, 8, 1), seed=1)
+    opt = Kron(model.parameters(), lr=1e-2)
+    x, y = torch.randn(32, 6, generator=torch.Generator().manual_seed(0)), torch.ones(32, 1)
+
+    def train_step():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return model, opt, train_step
+
+
 def test_compiled_training_step_matches_eager():
     def run(compiled):
-        model = mlp((6, 8, 1), seed=1)
-        opt = Kron(model.parameters(), lr=1e-2)
-        x, y = torch.randn(32, 6, generator=torch.Generator().manual_seed(0)), torch.ones(32, 1)
-
-        def train_step():
-            opt.zero_grad()
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            opt.step()
-            return loss
-
+        train_step = _mlp_training_step()[2]
         fn = torch.compile(train_step) if compiled else train_step
         return [fn().item() for _ in range(8)]
 
@@ -900,17 +906,7 @@ def test_a_compiled_training_step_runs_kron_step_eagerly():
     update enters a graph (the only graphs are the model's forward and backward)."""
     import torch._dynamo
 
-    model = mlp((6, 8, 1), seed=1)
-    opt = Kron(model.parameters(), lr=1e-2)
-    x, y = torch.randn(32, 6, generator=torch.Generator().manual_seed(0)), torch.ones(32, 1)
-
-    def train_step():
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss
-
+    model, opt, train_step = _mlp_training_step()
     explained = torch._dynamo.explain(train_step)()
     ops = [str(n.target) for g in explained.graphs for n in g.graph.nodes]
     assert not any("linalg" in op or "triu" in op for op in ops), ops
