@@ -3,9 +3,10 @@ kernels.
 
 - ``single_step``: the plain reference, one tensor at a time, reading like the paper; a
   non-finite gradient is found on the host and the tensor skipped.
-- ``grouped_step``: tensors of equal structure (factor shape, diagonal flags, dtypes, device)
-  stacked, each line one batched op for the whole stack; a non-finite or all-zero gradient is
-  masked on the device (``torch.where``), so the step needs no host sync. The default.
+- ``stacked_step``: the maths of the grouped kernel (``grouped``): tensors of equal structure
+  (factor shape, diagonal flags, dtypes, device) stacked, each line one batched op for the whole
+  stack; a non-finite or all-zero gradient is masked on the device (``torch.where``), so the
+  step needs no host sync. The default.
 
 Both end in the same thing per tensor: the update direction ``u`` (in the factor shape) and a
 flag ``ok`` (False: non-finite, skipped), to be applied as ``θ ← θ·(1 − lr·wd·ok) − lr·u``
@@ -16,7 +17,6 @@ flag ``ok`` (False: non-finite, skipped), to be applied as ``θ ← θ·(1 − l
 from __future__ import annotations
 
 import math
-import types
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,7 +28,7 @@ from .. import geometry as geo
 from ..pairs import Draws
 from ..structure import KronPlan
 from .config import Hyper
-from .padding import layout, paddable, split, stack, stack_draws
+from .padding import paddable
 
 CHUNK_BYTES = 32 * 2**20  # at most this much gradient and factors per stack (or one tensor)
 
@@ -290,103 +290,3 @@ def _stats(x: Tensor) -> tuple[Tensor, Tensor]:
         return torch.isfinite(top), top != 0
     hi, lo = flat.amax(dim=1), flat.amin(dim=1)
     return torch.isfinite(hi) & torch.isfinite(lo), (hi != 0) | (lo != 0)
-
-
-def chunks(items: Sequence[Item], cap: int = CHUNK_BYTES) -> list[list[Item]]:
-    """Items grouped by ``Item.key`` (in first-seen order), each group split so a stack holds at
-    most ``cap`` bytes of gradient and factors (or one tensor): stacking copies the factors, and a
-    copy of a few 4096 x 4096 factors costs more than the products it batches. Vectors of
-    different lengths are split by ``padding.split`` (bounded padding)."""
-    groups: dict[tuple, list[Item]] = {}
-    for it in items:
-        groups.setdefault(it.key(), []).append(it)
-    out = []
-    for key, group in groups.items():
-        if key[0] == "padded":
-            per = group[0].grad.element_size() + group[0].state["Q"][0].element_size()
-            parts = split([it.plan.numel for it in group], cap // per)
-            out += [[group[i] for i in part] for part in parts]
-            continue
-        size, part = 0, []
-        for it in group:
-            nbytes = it.grad.nbytes + sum(q.nbytes for q in it.state["Q"])
-            if part and size + nbytes > cap:
-                out.append(part)
-                size, part = 0, []
-            part.append(it)
-            size += nbytes
-        out.append(part)
-    return out
-
-
-class CompiledSteps:
-    """``stacked_step`` compiled once per stack structure (``Item.key``). Each structure gets its
-    own copy of the function's code object, so dynamo caches it apart: with one shared code
-    object a model with more than a few structures (a ResNet has dozens) hits dynamo's recompile
-    limit of 8 and ``fullgraph=True`` turns that into an error."""
-
-    def __init__(self, **compile_kw):
-        self.kw, self.fns = compile_kw, {}
-
-    def __call__(self, key: tuple):
-        if key not in self.fns:
-            f = stacked_step
-            code = f.__code__.replace(co_name=f"stacked_step_{len(self.fns)}")
-            copy = types.FunctionType(code, f.__globals__, code.co_name, f.__defaults__,
-                                      f.__closure__)  # fmt: skip
-            copy.__kwdefaults__ = f.__kwdefaults__
-            self.fns[key] = torch.compile(copy, **self.kw)
-        return self.fns[key]
-
-
-def grouped_step(items: Sequence[Item], hy: Hyper, *, do_update: bool, prob: float | None,
-                 balance: bool, cache: dict, step_fn=stacked_step) -> list:  # fmt: skip
-    """The grouped kernel: one ``stacked_step`` per chunk of equal-structured tensors (vectors of
-    several lengths zero-padded, ``padding``); results copied back into each tensor's state with
-    ``torch._foreach_copy_``. ``cache``: per chunk of tensors, the ``P_i`` kept between calls."""
-    out: dict[int, tuple[Tensor, Tensor]] = {}
-    if do_update:  # kept P_i of any chunk holding a tensor fit now are stale (a chunk's
-        ids = {id(it.p) for it in items}  # members change with missing gradients)
-        for k in [k for k in cache if not ids.isdisjoint(k)]:
-            del cache[k]
-    for part in chunks(items):
-        sts = [it.state for it in part]
-        lay = layout([it.plan for it in part], part[0].grad.device)
-        key, keep = tuple(id(it.p) for it in part), cached_dims(part[0].plan, prob)
-        cached = cache.get(key)
-        kept_all = cached is not None and all(c is not None for k, c in zip(keep, cached) if k)
-        if do_update or not (kept_all and all(keep)) or hy.geometry.fits_p:
-            Q0 = [lay.factor(list(f)) for f in zip(*(st["Q"] for st in sts))]
-        else:  # every factor applied from its kept P_i: Q is not needed, not even stacked
-            Q0 = [None] * len(keep)
-        L0 = None if "L" not in sts[0] else [stack(list(f)) for f in zip(*(st["L"] for st in sts))]
-        init = None if hy.init_scale is not None else torch.stack([st["initialised"] for st in sts])
-        hv = None
-        if part[0].hv is not None:
-            hv = tuple(lay.data([it.hv[j] for it in part]) for j in (0, 1))
-        draws = stack_draws([it.draws for it in part], lay) if do_update else None
-        moms = [st["momentum_buffer"] for st in sts]
-        M0 = lay.data(moms)
-        compile_key = part[0].key() if lay.numel is None else (part[0].key(), lay.lengths)
-        fn = step_fn(compile_key) if isinstance(step_fn, CompiledSteps) else step_fn
-        M, steps, Q, L, init, U, ok, kept = fn(
-            lay.data([it.grad for it in part]), M0, stack([st["step"] for st in sts]), Q0, L0,
-            init, hv, draws, hy=hy, pd=sts[0]["Q"][0].dtype, do_update=do_update,
-            balance=balance, keep=keep, cached=cached, numel=lay.numel,
-        )  # fmt: skip
-        cache[key] = kept
-        lay.back(moms, M, M0)  # a stack of one is a view: updated in place already
-        torch._foreach_copy_([st["step"] for st in sts], list(steps.unbind(0)))
-        if do_update:
-            # a stack of one updated in place is the state itself; anything else is copied back
-            for i in range(len(Q0)):
-                lay.back([st["Q"][i] for st in sts], Q[i], Q0[i])
-            if L is not None:
-                for i in range(len(L)):
-                    if len(part) > 1 or L[i] is not L0[i]:
-                        torch._foreach_copy_([st["L"][i] for st in sts], list(L[i].unbind(0)))
-            if init is not None:
-                torch._foreach_copy_([st["initialised"] for st in sts], list(init.unbind(0)))
-        for it, u, k in zip(part, lay.rows(U), ok.unbind(0)):
-            out[id(it.p)] = (u, k)
-    return [out[id(it.p)] for it in items]
