@@ -124,27 +124,36 @@ def _fit(hy: Hyper, Q: list, state_L, h, v, draws: Draws, balance: bool, init, n
     return L
 
 
-def _clip(Pm: Tensor, debias: Tensor, hy: Hyper, numel: Tensor | None = None) -> Tensor:
-    """Per tensor of the stack: ``scale`` with ``u = scale · P m`` = ``P m̂`` clipped to RMS
-    ``hy.clip_max_amp`` (1.1: kron-torch's, docs/maths.md §5.4) with ``clip="tensor"``, else
-    ``P m̂`` as it is (``"global"`` clips the whole group afterwards: ``clip_global``); ``P`` is
-    linear, so the debias folds into the scale. ``vector_norm`` along the contiguous last dim is
-    fast and accumulates in double on the CPU (no overflow). ``numel``: the tensors' lengths in a
-    zero-padded stack (``√n`` rounded from double, as the Python float of a plain stack is)."""
+def _clip(Pm: Tensor, debias: Tensor, hy: Hyper, numel: Tensor | None = None):
+    """Per tensor of the stack: ``(scale, finite)`` with ``u = scale · P m`` = ``P m̂`` clipped
+    to RMS ``hy.clip_max_amp`` (1.1: kron-torch's, docs/maths.md §5.4) with ``clip="tensor"``,
+    else ``P m̂`` as it is (``"global"`` clips the whole group afterwards: ``clip_global``); ``P``
+    is linear, so the debias folds into the scale. ``finite``: where the norm the clip takes is
+    finite, so is ``P m`` (None: no norm taken). ``numel``: the tensors' lengths in a zero-padded
+    stack (``√n`` rounded from double, as the Python float of a plain stack is)."""
     if hy.clip != "tensor":
-        return 1 / debias
+        return 1 / debias, None
     if numel is None:
         root = math.sqrt(math.prod(Pm.shape[1:]))
     else:
         root = numel.double().sqrt().to(debias.dtype)
-    rms = torch.linalg.vector_norm(Pm.reshape(Pm.shape[0], -1), dim=1) / (root * debias)
-    return torch.clamp(hy.clip_max_amp / (rms + 1e-12), max=1.0) / debias
+    norm = torch.linalg.vector_norm(Pm.reshape(Pm.shape[0], -1), dim=1)
+    rms = norm / (root * debias)
+    return torch.clamp(hy.clip_max_amp / (rms + 1e-12), max=1.0) / debias, torch.isfinite(norm)
 
 
-def _debias(b1: float, steps: Tensor, like: Tensor) -> Tensor:
-    """``1 − b1ᵗ`` per tensor; 1 before a tensor's first finite step (its momentum is still 0)."""
-    real = torch.promote_types(like.real.dtype, torch.float32)
-    return torch.where(steps > 0, 1 - torch.pow(b1, steps.to(real)), 1.0)
+def _debias(b1: float, steps: Tensor, dtype: torch.dtype) -> Tensor:
+    """``1 − b1ᵗ`` per tensor, in ``dtype``'s real precision (at least float32)."""
+    real = _REAL.get(dtype) or torch.promote_types(torch.empty(0, dtype=dtype).real.dtype,
+                                                   torch.float32)  # fmt: skip
+    # before the first finite step (t = 0, 1 − b1⁰ = 0) the momentum is 0 and any positive
+    # value does: the clamp keeps the division finite in one op where torch.where takes three
+    return (1 - torch.pow(b1, steps.to(real))).clamp_(min=torch.finfo(real).tiny)
+
+
+_REAL = {torch.float32: torch.float32, torch.float64: torch.float64,
+         torch.bfloat16: torch.float32, torch.float16: torch.float32,
+         torch.complex64: torch.float32, torch.complex128: torch.float64}  # fmt: skip
 
 
 def _known(mask: Tensor) -> bool | None:
@@ -195,7 +204,7 @@ def single_step(items: Sequence[Item], hy: Hyper, *, do_update: bool, prob: floa
         st["step"] += 1
         Q = [q.unsqueeze(0) for q in st["Q"]]  # views: updated in place
         pd = Q[0].dtype
-        debias = _debias(hy.b1, st["step"].reshape(1), Q[0])
+        debias = _debias(hy.b1, st["step"].reshape(1), pd)
         m_p = m.to(pd)
         if do_update:
             pair = None if hv is None else (hv[0].to(pd), hv[1].to(pd))
@@ -219,7 +228,7 @@ def single_step(items: Sequence[Item], hy: Hyper, *, do_update: bool, prob: floa
                 (torch.zeros_like(Pm[0]), torch.zeros((), dtype=torch.bool, device=g.device))
             )
             continue
-        u = Pm.mul_(_per(_clip(Pm, debias, hy), Pm))
+        u = Pm.mul_(_per(_clip(Pm, debias, hy)[0], Pm))
         out.append((u[0], torch.ones((), dtype=torch.bool, device=g.device)))
     return out
 
@@ -232,19 +241,20 @@ def stacked_step(G, M, steps, Q, L, init, hv, draws, *, hy: Hyper, pd: torch.dty
     """The grouped maths on stacks, without host syncs (a pure function of its inputs; what
     ``Kron(compile=True)`` compiles): returns ``(M, steps, Q, L, init, u, ok, P_i kept)``.
     ``numel``: per tensor, its length in a zero-padded stack of vectors (``padding.Rows``)."""
-    finite, nonzero = _stats(G)
+    top = _top(G)  # max|g|: finite, and not all zero
+    ok = _finite(top)
     if hv is not None:
-        hv_finite, nonzero = _stats(hv[1])
-        finite = finite & hv_finite
-    ok = finite
-    M = _momentum(M, G, hy.b1, ok, _known(ok))
+        top = _top(hv[1])
+        ok = ok & _finite(top)
+    all_ok = _known(ok)
+    M = _momentum(M, G, hy.b1, ok, all_ok)
     steps = steps + ok
-    debias = _debias(hy.b1, steps, M.new_empty(0, dtype=pd))
+    debias = _debias(hy.b1, steps, pd)
     m_p = M.to(pd)
     if do_update:
         pair = None if hv is None else (hv[0].to(pd), hv[1].to(pd))
         h, v, _ = _pair(hy, (m_p / _per(debias, m_p)).to(pd), G.to(pd), pair)
-        fit_ok = ok & nonzero
+        fit_ok = ok & (top != 0)
         every = _known(fit_ok)
         if every:  # the CPU knows every pair is fit: update in place (L too), keep a copy
             work, L_work = Q, L
@@ -255,7 +265,7 @@ def stacked_step(G, M, steps, Q, L, init, hv, draws, *, hy: Hyper, pd: torch.dty
         fitted_L = _fit(hy, work, L_work, h, v, draws, balance, init, numel)
         L_work = None if L is None else fitted_L  # lipschitz="kron" keeps no L
         for w in work:  # a fit that overflowed (a 1e20 gradient once P has grown) keeps Q
-            fit_ok = fit_ok & _stats(w)[0]
+            fit_ok = fit_ok & _finite(_top(w))
         if _known(fit_ok):
             Q, L = work, L_work
         else:
@@ -266,27 +276,33 @@ def stacked_step(G, M, steps, Q, L, init, hv, draws, *, hy: Hyper, pd: torch.dty
             init = init | fit_ok
         cached = None
     Pm, cached = precondition(Q, m_p, hy, keep, cached)
-    ok = ok & _stats(Pm)[0]  # P m̂ can overflow where m̂ is finite (a 1e20 entry): skip it
-    scale = torch.nan_to_num(_clip(Pm, debias, hy, numel)) * ok
-    if not _known(ok):  # inf · 0 is NaN: zero the skipped tensors' updates outright
+    scale, finite = _clip(Pm, debias, hy, numel)
+    if finite is None or not _known(finite):  # a finite norm says it; else look at P m̂
+        finite = _finite(_top(Pm))  # it can overflow where m̂ is finite (a 1e20 entry): skip it
+        ok, all_ok = ok & finite, None
+    if not all_ok:  # (with every norm finite and every gradient too, the scale is as it is)
+        scale = torch.nan_to_num(scale) * ok
+    if not (all_ok or _known(ok)):  # inf · 0 is NaN: zero the skipped tensors' updates outright
         Pm = torch.where(_per(ok, Pm), Pm, 0)
     return M, steps, Q, L, init, Pm.mul_(_per(scale, Pm)), ok, cached
 
 
-def _stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per tensor of the stack: all finite, and not all zero, from its maximum and minimum (NaN
-    and ±Inf reach one of them; the tensor is all zero iff both are 0). No temporary: fused
-    ``torch.aminmax`` over a dim is many times slower on the CPU, and so is ``abs().amax()``'s
-    copy of a large tensor (page faults); a small one's copy costs less than the dispatches it
-    saves."""
+def _top(x: Tensor) -> Tensor:
+    """Per tensor of the stack, ``max|x|``: NaN or Inf where ``x`` has one, 0 where it is all
+    zero. A large real tensor's from its maximum and minimum, without a temporary: fused
+    ``torch.aminmax`` over a dim is many times slower on the CPU, and so is ``abs().amax()``'s copy
+    of a large tensor (page faults), and the infinity norm 10-20x; a small tensor's ``|x|`` copy
+    costs less than the two dispatches it saves."""
     flat = x.reshape(x.shape[0], -1)
     if flat.shape[1] == 0:
-        none = torch.zeros(flat.shape[0], dtype=torch.bool, device=x.device)
-        return ~none, none
+        return flat.new_zeros(flat.shape[0], dtype=flat.real.dtype)
     if flat.is_complex():
         flat = torch.view_as_real(flat).reshape(flat.shape[0], -1)
     if flat.shape[1] <= 4096:
-        top = flat.abs().amax(dim=1)  # NaN propagates
-        return torch.isfinite(top), top != 0
-    hi, lo = flat.amax(dim=1), flat.amin(dim=1)
-    return torch.isfinite(hi) & torch.isfinite(lo), (hi != 0) | (lo != 0)
+        return flat.abs().amax(dim=1)  # NaN propagates
+    return torch.maximum(flat.amax(dim=1), flat.amin(dim=1).neg_())
+
+
+def _finite(top: Tensor) -> Tensor:
+    """``_top``'s tensors that are finite (one op: ``torch.isfinite`` dispatches four)."""
+    return top < math.inf  # False for NaN and Inf

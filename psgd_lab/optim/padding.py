@@ -88,7 +88,7 @@ class Rows:
 
     def data(self, xs: list[Tensor]) -> Tensor:
         """``(B, D)``: each tensor flattened, then zeros."""
-        flat = torch.cat([x.reshape(-1) for x in xs] + [xs[0].new_zeros(1)])
+        flat = torch.cat([x if x.dim() == 1 else x.reshape(-1) for x in xs] + [xs[0].new_zeros(1)])
         return flat[self.zeros].reshape(len(xs), self.width)
 
     def factor(self, xs: list[Tensor]) -> Tensor:
