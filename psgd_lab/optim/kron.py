@@ -35,7 +35,7 @@ from .config import (
 from .grouped import CompiledSteps, GroupPlan, plan_key, run
 from .kernels import Item, single_step, stacked_step
 from .memory import ParamInfo
-from .streams import LazyCount, Streams
+from .streams import LazyCount, Streams, draw_all
 
 
 class Kron(torch.optim.Optimizer):
@@ -142,6 +142,7 @@ class Kron(torch.optim.Optimizer):
         self._draw_counts: list[int] = []  # per parameter: preconditioner updates drawn for
         self._plans: dict[int, tuple[tuple, KronPlan, tuple]] = {}
         self._group_plans: dict[int, tuple] = {}  # the latest GroupPlan per group
+        self._draw_spec: dict[int, tuple] = {}  # id(p) -> (plan, geometry, starts, dtype, device)
         self._warned: set[str] = set()
         super().__init__(params, defaults)
         self._prob_step = 0  # step() calls so far: the schedule's n
@@ -264,25 +265,8 @@ class Kron(torch.optim.Optimizer):
         return self._pos_of[id(p)]
 
     def _draw(self, todo: list, counts: list[int], plans: dict) -> dict:
-        """Each updating parameter's draws from its own stream (every parameter in Newton mode,
-        whose ``v`` every rank needs; only the owned ones in whitening)."""
-        own, rank = self._owners(), dist_.rank_and_size(self.process_group)[0]
-        out, hypers = {}, {}
-        for p, gi, do, _ in todo:
-            if not do:
-                continue
-            i, group = self._index(p), self.param_groups[gi]
-            if self.mode == "newton" or own.get(p, rank) == rank:
-                if gi not in hypers:
-                    hypers[gi] = Hyper.of(group, self.mode == "newton")
-                hy, plan = hypers[gi], plans[p]
-                out[p] = self._streams.draws(
-                    i, counts[i], plan, hy.geometry.starts(plan, hy.norm_bound),
-                    probe=True, noise=not isinstance(hy.damping, str) and hy.damping > 0,
-                    dtype=precond_dtype(group, p), device=self._grad_device(p),
-                )  # fmt: skip
-            counts[i] += 1
-        return out
+        """Each updating parameter's draws from its own stream (``streams.draw_all``)."""
+        return draw_all(self, todo, counts, plans)
 
     def _grad_device(self, p: Tensor) -> torch.device:
         return p.to_local().device if dist_.is_dtensor(p) else p.device
