@@ -208,8 +208,11 @@ def _factored(d: int, k: float) -> bool:
     """Whether ``triu(L Rᴴ) Q_i`` with ``k`` columns in ``L``, ``R`` is cheaper in factored form:
     ``(4k + 64)·d²`` FLOPs (blocks of 32) against the dense product's ``2d³`` (``d ≤ 256``) or
     ``0.8 d³`` (``linalg.triu_matmul``'s blocks); from ``d = 128`` on (below, dispatches
-    dominate)."""
-    return d >= 128 and 4 * k + 64 < (2.0 if d <= 256 else 0.8) * d
+    dominate), and while its block suffix sums, ``(d/32)·k·d`` numbers, stay under 16 M: past
+    that their memory traffic costs more than the FLOPs saved (measured: a (4096, 256) weight,
+    ``k = 512``, 1 GB of sums, ran 20% slower than the dense product)."""
+    small = (d // 32) * k * d <= 2**24
+    return d >= 128 and small and 4 * k + 64 < (2.0 if d <= 256 else 0.8) * d
 
 
 def update_qeq(Q, L, v, h, *, lr, lipschitz, beta_L, norm_bound, starts) -> None:

@@ -30,7 +30,9 @@ def test_triu_outer_mm_is_the_dense_triangular_product(d, k, block, dtype):
 
 def test_the_factored_path_is_taken_only_where_it_is_cheaper():
     assert geometry._factored(1024, 32) and geometry._factored(256, 32)
+    assert geometry._factored(4096, 20)  # the old 'conv' set's (10, 4096) weight
     assert not geometry._factored(1024, 256)  # gpt2-d128's (1024, 128): dense is cheaper
+    assert not geometry._factored(4096, 512)  # fewer FLOPs, but 1 GB of suffix sums
     assert not geometry._factored(64, 2)  # small: the dense product is one dispatch
 
 
