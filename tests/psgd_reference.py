@@ -7,19 +7,19 @@ from __future__ import annotations
 import torch
 
 F64 = torch.float64
-TINY = torch.finfo(F64).smallest_normal
 
 
 def bound(A: torch.Tensor, start: torch.Tensor, skew: bool = False) -> torch.Tensor:
     """psgd.py's norm_lower_bound_spd/_skh: normalise, turn the random rows towards A's largest
     row, two half-iterations ``V <- V A``, rows normalised, ``V A``; the largest row norm."""
-    nf = (A.abs().amax() if skew else A.diagonal().amax()) + TINY
+    tiny = torch.finfo(A.dtype).smallest_normal
+    nf = (A.abs().amax() if skew else A.diagonal().amax()) + tiny
     A = A / nf
     row = A[torch.argmax(torch.linalg.vector_norm(A, dim=1))]
     V = row + torch.sign((row * start).sum(dim=1, keepdim=True)) * start
     for _ in range(2):
         V = V @ A
-        V = V / (torch.linalg.vector_norm(V, dim=1, keepdim=True) + TINY)
+        V = V / (torch.linalg.vector_norm(V, dim=1, keepdim=True) + tiny)
         V = V @ A
     return nf * torch.linalg.vector_norm(V, dim=1).amax()
 
@@ -28,11 +28,12 @@ def procrustes(q: torch.Tensor, start: torch.Tensor) -> None:
     """psgd.py's procrustes_step2: rotate ``q`` by ``exp(aR)``, ``R = qᵀ − q`` normalised,
     ``a = min(−tr(Rq)/tr(RRq), 1/8)`` when ``tr(RRq) < 0``."""
     R = q.T - q
-    R = R / (bound(R, start, skew=True) + TINY)
+    R = R / (bound(R, start, skew=True) + torch.finfo(q.dtype).smallest_normal)
     RQ = R @ q
     RRQ = R @ RQ
     tr_RQ, tr_RRQ = RQ.trace(), RRQ.trace()
-    a = torch.clamp(-tr_RQ / tr_RRQ, max=1 / 8) if tr_RRQ < 0 else torch.tensor(1 / 8, dtype=F64)
+    eighth = torch.tensor(1 / 8, dtype=q.dtype)
+    a = torch.clamp(-tr_RQ / tr_RRQ, max=1 / 8) if tr_RRQ < 0 else eighth
     q.add_(a * (RQ + 0.5 * a * RRQ))
 
 
@@ -59,13 +60,13 @@ def apply_p(Q: list, X: torch.Tensor) -> torch.Tensor:
 class RefKron:
     """One tensor's Q (a list of factors) and L, as psgd.py's init_kron keeps them."""
 
-    def __init__(self, shape, dense: tuple[bool, ...]):
-        self.shape, self.dense = shape, dense
-        self.Q, self.L = None, [torch.zeros((), dtype=F64) for _ in shape]
+    def __init__(self, shape, dense: tuple[bool, ...], dtype: torch.dtype = F64):
+        self.shape, self.dense, self.dtype = shape, dense, dtype
+        self.Q, self.L = None, [torch.zeros((), dtype=dtype) for _ in shape]
 
     def init(self, scale: torch.Tensor) -> None:
         s = scale ** (1 / len(self.shape))
-        self.Q = [s * (torch.eye(d, dtype=F64) if dn else torch.ones(d, dtype=F64))
+        self.Q = [s * (torch.eye(d, dtype=self.dtype) if dn else torch.ones(d, dtype=self.dtype))
                   for d, dn in zip(self.shape, self.dense)]  # fmt: skip
 
     def _ema(self, i: int, ell: torch.Tensor) -> torch.Tensor:
@@ -75,7 +76,7 @@ class RefKron:
     def whiten(self, G, noise, starts, turns, lr=0.1, damping=1e-9) -> None:
         """update_precond_kron_whiten_q0p5eq1p5."""
         n = G.numel()
-        Pg = apply_p(self.Q, G + (damping + torch.finfo(F64).eps * G.abs()) * noise)
+        Pg = apply_p(self.Q, G + (damping + torch.finfo(self.dtype).eps * G.abs()) * noise)
         for i, q in enumerate(self.Q):
             term1, term2 = gram(i, Pg, self.dense[i]), n / q.shape[0]
             if not self.dense[i]:

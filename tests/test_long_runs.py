@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from psgd_reference import RefKron, apply_p
 
 from psgd_lab import Kron, KronPreconditioner
 from psgd_lab.problems import digits, mlp, random_spd
@@ -115,3 +116,44 @@ def test_ill_conditioned_newton_fit_in_float32(steps):
             errors.append(((PHv - V).norm() / V.norm()).item())
     assert all(math.isfinite(e) for e in errors)
     assert sum(errors) / len(errors) < 0.25, errors
+
+
+def newton_fits_side_by_side(steps: int) -> tuple[list[float], list[float]]:
+    """The relative error at five checkpoints of ``KronPreconditioner`` and of the reference's
+    own Newton step (tests/psgd_reference.py), float32, on the same ill-conditioned pairs."""
+    H = torch.kron(torch.diag(torch.logspace(-2, 2, 16)), torch.diag(torch.logspace(-1, 1, 12)))
+    pre = KronPreconditioner((16, 12), geometry="Q0.5EQ1.5", lipschitz="ema", seed=0)
+    ref = RefKron((16, 12), (True, True), dtype=torch.float32)
+    ref.init(torch.tensor(1.0))
+    gen, draws = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    V = torch.randn(256, 192, generator=torch.Generator().manual_seed(9))
+    ours, theirs = [], []
+
+    def error(apply) -> float:
+        PHv = torch.stack([apply(x.reshape(16, 12)).reshape(-1) for x in V @ H.T])
+        return ((PHv - V).norm() / V.norm()).item()
+
+    for i in range(steps):
+        v = torch.randn(16, 12, generator=gen)
+        h = (H @ v.reshape(-1)).reshape(16, 12)
+        pre.update(h, v, lr=0.1)
+        noise = torch.randn(16, 12, generator=draws)
+        starts = [torch.randn(32, d, generator=draws) for d in (16, 12)]
+        turns = [torch.randn(32, d, generator=draws) for d in (16, 12)]
+        ref.newton(v, h, noise, starts, turns, lr=0.1)
+        if (i + 1) % (steps // 5) == 0:
+            ours.append(error(pre.precondition))
+            theirs.append(error(lambda x: apply_p(ref.Q, x)))
+    return ours, theirs
+
+
+@pytest.mark.parametrize("steps", [pytest.param(100_000, marks=SOAK)])  # ~3 min: soak only
+def test_ill_conditioned_newton_fit_matches_the_references_own(steps):
+    """The fit above against the reference's own Newton step (``update_precond_kron_newton_
+    q0p5eq1p5``, written out in tests/psgd_reference.py) in float32, on the same pairs: both sit
+    on the same round-off floor. Measured at every 20,000th update: psgd_lab 0.165, 0.079, 0.121,
+    0.199, 0.166 (mean 0.146), the reference 0.165, 0.079, 0.121, 0.198, 0.165 (mean 0.146). Bound:
+    psgd_lab's mean at most 10% (+0.02) above the reference's."""
+    ours, theirs = newton_fits_side_by_side(steps)
+    assert all(math.isfinite(e) for e in ours + theirs)
+    assert sum(ours) / 5 <= 1.1 * sum(theirs) / 5 + 0.02, (ours, theirs)
