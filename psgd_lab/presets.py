@@ -92,8 +92,7 @@ PRESETS: dict[str, Preset] = {
             "the current psgd.py's KronWhiten clips by default (grad_clip_max_amps=(2.0, 10.0): "
             "each tensor's update to RMS 2, then every entry to [-10, 10]); the preset keeps the "
             "Sept. 2025 default, no clip (grad_clip_max_amp=inf; when set, clip='global'). "
-            "clip='tensor', clip_max_amp=2.0 gives the current RMS clip; psgd_lab has no "
-            "entry-wise clamp",
+            "clip='tensor', clip_max_amp=2.0, clip_max_entry=10.0 gives the current clip",
         ),
     ),
     "reference-kron-newton": Preset(

@@ -152,7 +152,8 @@ def test_dense_fits_any_spd(geometry, mode):
     assert dense_fit(16, geometry, mode, 4000) < tol
 
 
-# n = 64 (the size the issue asks for), cond 10, 4,000 updates: the fit is slower than at 16, so
+# n = 64 (the largest size the dense family promises to fit), cond 10, 4,000 updates: the fit
+# is slower than at 16, so
 # the bounds are looser. Measured: Newton 8.6e-11 (QEQ, QUAD4P) to 1.0e-4 (QEP), 3.4e-4 (PRO4P),
 # 4.6e-3 (EQ, whose triangular group converges slowest); whitening 0.082-0.14, PRO4P 0.27 (its
 # Procrustes stop, as in the Kron battery). Bounds: Newton 2e-2, whitening 0.2 (PRO4P 0.4); the

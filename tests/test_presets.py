@@ -160,22 +160,29 @@ def _draws(index: int, count: int, shape, dense_sizes):
     return v, noise, [torch.randn(32, d, generator=gen, dtype=F64) for d in dense_sizes]
 
 
-def _clip(us: list, clip, amp) -> list:
+def _clip(us: list, clip, amp, entry=None) -> list:
     """KronWhiten's grad_clip_max_amp (global RMS, Sept. 2025), the current file's per-tensor
-    grad_clip_max_amps[0] (its element clamp at 10 cannot bind at an RMS of 0.5 here: an entry
-    is at most 0.5·√24 < 10), or KronNewton's grad_clip_max_norm (as amp·√n)."""
+    grad_clip_max_amps = (amp, entry): each tensor to RMS ``amp``, then every entry to
+    ``[-entry, entry]``, or KronNewton's grad_clip_max_norm (as amp·√n)."""
     if clip == "global":
         rms = (sum((u * u).sum() for u in us) / sum(u.numel() for u in us)).sqrt()
-        return [u * amp / rms for u in us] if rms > amp else us
+        us = [u * amp / rms for u in us] if rms > amp else us
     if clip == "tensor":
-        return [u * amp / u.pow(2).mean().sqrt() if u.pow(2).mean().sqrt() > amp else u for u in us]
-    return us
+        us = [u * amp / u.pow(2).mean().sqrt() if u.pow(2).mean().sqrt() > amp else u for u in us]
+    return us if entry is None else [u.clamp(-entry, entry) for u in us]
 
 
 KRON_CLIPS = {
     "no clip (the defaults)": {},
     "grad_clip_max_amp=0.5 (global)": {"clip": "global", "clip_max_amp": 0.5},
     "grad_clip_max_amps=(0.5, 10) (per tensor)": {"clip": "tensor", "clip_max_amp": 0.5},
+    # the element clamp binds only where an entry exceeds it after the RMS clip: at RMS 0.5 an
+    # entry of 10 cannot occur here (at most 0.5·√24), so the clamp is set to bind (0.6)
+    "grad_clip_max_amps=(0.5, 0.6) (per tensor, clamp binding)": {
+        "clip": "tensor",
+        "clip_max_amp": 0.5,
+        "clip_max_entry": 0.6,
+    },
 }
 # float64 throughout; what separates the two sides is round-off (the factors are balanced at
 # other moments, P is applied from cached Pᵢ, the Newton damping has psgd_lab's eps·|h| term,
@@ -209,7 +216,7 @@ def test_reference_kron_follows_the_published_step(name, clip):
     theta = [p.detach().clone() for p in params]
     ref = [RefKron((6, 4), (False, True)), RefKron((5,), (False,))]
     turns = torch.Generator().manual_seed(7)  # the current file's random Procrustes bound
-    bound = 0
+    bound = clamped = 0
     for t in range(20):
         # the reference, on its own copy of θ
         th = [x.clone().requires_grad_() for x in theta]
@@ -232,8 +239,11 @@ def test_reference_kron_follows_the_published_step(name, clip):
                     r.init((g.pow(4).mean() + 1e-36) ** (-1 / 8))
                 r.whiten(g, noise, starts, rot)
         us = [apply_p(r.Q, g) for r, g in zip(ref, grads)]
-        clipped = _clip(us, overrides.get("clip"), overrides.get("clip_max_amp"))
-        bound += any(c is not u for c, u in zip(clipped, us))
+        rms_clipped = _clip(us, overrides.get("clip"), overrides.get("clip_max_amp"))
+        entry = overrides.get("clip_max_entry")
+        clipped = _clip(us, overrides.get("clip"), overrides.get("clip_max_amp"), entry)
+        bound += any(c is not u for c, u in zip(rms_clipped, us))
+        clamped += entry is not None and any(bool((u.abs() > entry).any()) for u in rms_clipped)
         theta = [x - lr * u for x, u in zip(theta, clipped)]
         # psgd_lab
         opt.zero_grad()
@@ -246,6 +256,8 @@ def test_reference_kron_follows_the_published_step(name, clip):
             torch.testing.assert_close(p.detach(), x, **TOL, msg=f"step {t}")
     if "clip" in overrides:
         assert bound > 0  # the clip did bind on some step
+    if "clip_max_entry" in overrides:
+        assert clamped > 0  # and so did the element clamp
 
 
 def test_reference_dense_newton_follows_the_published_step():

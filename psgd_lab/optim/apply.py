@@ -21,13 +21,26 @@ def clip_global(us: list[Tensor], max_amp: float) -> None:
     torch._foreach_mul_(us, [scale.to(u.real.dtype) for u in us])
 
 
+def clamp_entries(us: list[Tensor], max_entry: float) -> list[Tensor]:
+    """Every entry of every update limited to ``[-max_entry, max_entry]`` (a complex entry:
+    its modulus), the reference's element-wise ``grad_clip_max_amps[1]``; ``inf``: unchanged."""
+    if max_entry == math.inf or not us:
+        return us
+    if us[0].is_complex():
+        return [u * torch.clamp(max_entry / u.abs().clamp(min=1e-30), max=1.0) for u in us]
+    return torch._foreach_clamp_max(torch._foreach_clamp_min(us, -max_entry), max_entry)
+
+
 def apply_updates(targets: list[Tensor], us: list[Tensor], oks: list[Tensor], ndims: list[int],
-                  lr: float, weight_decay: float) -> None:  # fmt: skip
+                  lr: float, weight_decay: float,
+                  max_entry: float = math.inf) -> None:  # fmt: skip
     """``θ ← θ·(1 − lr·wd·ok) − lr·u`` for every target (weight decay only where the parameter
-    has ``ndim ≥ 2``), with ``torch._foreach`` ops: one call each for the whole list. A skipped
-    tensor (``ok`` False, ``u = 0``) is left exactly as it was."""
+    has ``ndim ≥ 2``), with ``torch._foreach`` ops: one call each for the whole list, ``u``'s
+    entries first limited to ``±max_entry`` (``clamp_entries``). A skipped tensor (``ok``
+    False, ``u = 0``) is left exactly as it was."""
     if not targets:
         return
+    us = clamp_entries(us, max_entry)
     decay = [i for i, n in enumerate(ndims) if n >= 2] if weight_decay != 0 else []
     if decay:
         # one op for the list, not three per tensor; in float64 (where the device has it), so a

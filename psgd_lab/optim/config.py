@@ -74,6 +74,7 @@ def check_step_settings(g: dict) -> None:
         check_number("precond_init_scale", scale, 0, math.inf, lo_open=True, hi_open=True)
     check_number("beta_L", g["beta_L"], 0, 1, hi_open=True)
     check_clip(g.get("clip", "tensor"), g.get("clip_max_amp", 1.1))
+    check_number("clip_max_entry", g.get("clip_max_entry", math.inf), 0, math.inf, lo_open=True)
 
 
 def check_group(g: dict) -> None:

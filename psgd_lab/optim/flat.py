@@ -48,6 +48,7 @@ class _Flat(torch.optim.Optimizer):
                  precond_lr: float, precond_init_scale: float | None, mu_dtype, precond_dtype,
                  *, mode: str, hvp: str, damping: float, beta_L: float, clip: str | None,
                  clip_max_amp: float, seed: int, nonfinite: str, process_group,
+                 clip_max_entry: float = math.inf,
                  **structure_kw):  # fmt: skip
         from ..pairs import HVP_METHODS
 
@@ -64,7 +65,8 @@ class _Flat(torch.optim.Optimizer):
             preconditioner_update_probability=preconditioner_update_probability,
             momentum_into_precond_update=momentum_into_precond_update, precond_lr=precond_lr,
             precond_init_scale=precond_init_scale, mu_dtype=mu_dtype, precond_dtype=precond_dtype,
-            damping=damping, beta_L=beta_L, clip=clip, clip_max_amp=clip_max_amp, **structure_kw,
+            damping=damping, beta_L=beta_L, clip=clip, clip_max_amp=clip_max_amp,
+            clip_max_entry=clip_max_entry, **structure_kw,
         )  # fmt: skip
         _check_group(defaults)
         self.mode, self.hvp, self.seed, self.nonfinite = mode, hvp, seed, nonfinite
@@ -199,7 +201,8 @@ class _Flat(torch.optim.Optimizer):
             clip_global(us, group["clip_max_amp"])
         live = [(p, x) for p, x, here in zip(params, us, present) if here]
         apply_updates([p for p, _ in live], [x.to(p.dtype) for p, x in live], [ok] * len(live),
-                      [p.dim() for p, _ in live], group["lr"], group["weight_decay"])  # fmt: skip
+                      [p.dim() for p, _ in live], group["lr"], group["weight_decay"],
+                      group.get("clip_max_entry", math.inf))  # fmt: skip
 
     def _fit(self, gi: int, st: dict, pre, h: Tensor, v, fit_ok: Tensor, lr: float) -> None:
         """One preconditioner update on a fresh stream, kept only where ``fit_ok`` (a finite,
@@ -298,6 +301,7 @@ def _layout(group: dict) -> tuple[torch.dtype, torch.device, torch.dtype]:
 def _check_group(g: dict) -> None:
     check_step_settings(g)
     check_number("damping", g["damping"], 0, math.inf, hi_open=True)
+    check_number("clip_max_entry", g.get("clip_max_entry", math.inf), 0, math.inf, lo_open=True)
     for name in ("mu_dtype", "precond_dtype"):
         dt = g[name]
         if dt is not None and not (isinstance(dt, torch.dtype) and dt.is_floating_point):
@@ -330,12 +334,14 @@ class LRA(_Flat):
                  rank: int = 10, uv_schedule: str = "alternate", balance_strength: float = 0.1,
                  mode: str = "whiten", hvp: str = "autograd", damping: float = 1e-9,
                  beta_L: float = 0.9, clip: str | None = "tensor", clip_max_amp: float = 1.1,
-                 seed: int = 42, nonfinite: str = "skip", process_group=None):  # fmt: skip
+                 clip_max_entry: float = math.inf, seed: int = 42, nonfinite: str = "skip",
+                 process_group=None):  # fmt: skip
         check_schedule(uv_schedule)
         super().__init__(params, lr, b1, weight_decay, preconditioner_update_probability,
                          momentum_into_precond_update, precond_lr, precond_init_scale, mu_dtype,
                          precond_dtype, mode=mode, hvp=hvp, damping=damping, beta_L=beta_L,
                          clip=clip, clip_max_amp=clip_max_amp, seed=seed, nonfinite=nonfinite,
+                         clip_max_entry=clip_max_entry,
                          process_group=process_group, rank=rank, uv_schedule=uv_schedule,
                          balance_strength=balance_strength)  # fmt: skip
 
@@ -372,12 +378,14 @@ class Dense(_Flat):
                  precond_init_scale: float | None = None, mu_dtype=None, precond_dtype=None, *,
                  geometry: str = "Q0.5EQ1.5", lipschitz: str = "ema", mode: str = "whiten",
                  hvp: str = "autograd", damping: float = 1e-9, beta_L: float = 0.9,
-                 clip: str | None = "tensor", clip_max_amp: float = 1.1, seed: int = 42,
-                 nonfinite: str = "skip", process_group=None):  # fmt: skip
+                 clip: str | None = "tensor", clip_max_amp: float = 1.1,
+                 clip_max_entry: float = math.inf, seed: int = 42, nonfinite: str = "skip",
+                 process_group=None):  # fmt: skip
         super().__init__(params, lr, b1, weight_decay, preconditioner_update_probability,
                          momentum_into_precond_update, precond_lr, precond_init_scale, mu_dtype,
                          precond_dtype, mode=mode, hvp=hvp, damping=damping, beta_L=beta_L,
                          clip=clip, clip_max_amp=clip_max_amp, seed=seed, nonfinite=nonfinite,
+                         clip_max_entry=clip_max_entry,
                          process_group=process_group, geometry=geometry,
                          lipschitz=lipschitz)  # fmt: skip
 

@@ -66,6 +66,8 @@ class Kron(torch.optim.Optimizer):
         clip, clip_max_amp: the update ``P m̂`` is clipped to RMS ``clip_max_amp`` per tensor
             (``"tensor"``, kron-torch's, with 1.1), over the whole group (``"global"``, the
             reference's ``grad_clip_max_amp``), or not at all (``None``).
+        clip_max_entry: then every entry of the update is limited to ``±clip_max_entry`` (the
+            reference's element-wise ``grad_clip_max_amps[1]``; ``inf``, the default: no limit).
         seed: seeds the per-parameter random streams and the balancing decisions (42 gives
             kron-torch's); the global RNG is never touched.
         nonfinite: ``"skip"`` leaves a parameter with a NaN/Inf gradient (or ``Hv``), its momentum
@@ -106,6 +108,7 @@ class Kron(torch.optim.Optimizer):
         precond_budget: float | None = None,
         clip: str | None = "tensor",
         clip_max_amp: float = 1.1,
+        clip_max_entry: float = math.inf,
         seed: int = 42,
         nonfinite: str = "skip",
         precond_cache: bool = True,
@@ -129,7 +132,7 @@ class Kron(torch.optim.Optimizer):
             precond_init_scale=precond_init_scale, merge_dims=merge_dims, mu_dtype=mu_dtype,
             precond_dtype=precond_dtype, geometry=geometry, max_skew=max_skew, damping=damping,
             lipschitz=lipschitz, beta_L=beta_L, precond_budget=precond_budget, clip=clip,
-            clip_max_amp=clip_max_amp,
+            clip_max_amp=clip_max_amp, clip_max_entry=clip_max_entry,
         )  # fmt: skip
         check_group(defaults)
         self._group_keys = tuple(defaults)  # Kron's per-group settings

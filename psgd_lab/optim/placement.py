@@ -153,7 +153,8 @@ def apply(opt, group: dict, results: list[tuple[Tensor, Tensor, Tensor]]) -> Non
                 targets.append(local(p))
                 us.append(u)
     apply_updates(targets, us, [ok for *_, ok in results], [p.dim() for p, *_ in results],
-                  group["lr"], group["weight_decay"])  # fmt: skip
+                  group["lr"], group["weight_decay"],
+                  group.get("clip_max_entry", math.inf))  # fmt: skip
 
 
 def exchange(opt, owned: dict, stepped: list, rank: int) -> None:
