@@ -96,6 +96,11 @@ def test_docs_structures_example_runs(capsys):
     assert "| `geometry` | `'Q0.5EQ1.5'` |" in capsys.readouterr().out
 
 
+def test_readme_structures_example_is_the_docs_one():
+    marker = "presets.make("
+    assert _example("README.md", marker) == _example("docs/guide/structures.md", marker)
+
+
 def test_ci_fails_when_the_test_command_fails(tmp_path):
     """``set -e`` does not stop at a failing command inside an ``&&`` chain, so .ci/run must
     carry the chain's status itself: run it with the README command swapped for ``false``."""
