@@ -26,7 +26,7 @@ def clamp_entries(us: list[Tensor], max_entry: float) -> list[Tensor]:
     its modulus), the reference's element-wise ``grad_clip_max_amps[1]``; ``inf``: unchanged."""
     if max_entry == math.inf or not us:
         return us
-    if us[0].is_complex():
+    if any(u.is_complex() for u in us):  # mixed lists too: the modulus form covers real entries
         return [u * torch.clamp(max_entry / u.abs().clamp(min=1e-30), max=1.0) for u in us]
     return torch._foreach_clamp_max(torch._foreach_clamp_min(us, -max_entry), max_entry)
 
