@@ -54,6 +54,14 @@ def fitted(structure, geometry, mode, seed=0, lipschitz=None, steps=None, dtype=
     return pre, H, shape, gen
 
 
+def whitening_error(pre, H, shape, gen) -> float:
+    """``‖P g − v‖/‖v‖`` over 256 fresh ``g = H v``."""
+    v = torch.randn((256, *shape), generator=gen, dtype=H.dtype)
+    g = (v.reshape(256, -1) @ H.T).reshape(v.shape)
+    Pg = torch.stack([pre.precondition(x) for x in g])
+    return (torch.linalg.vector_norm(Pg - v) / torch.linalg.vector_norm(v)).item()
+
+
 CASES = [(s, g, m) for s in STRUCTURES for g in GEOMETRIES for m in ("newton", "whiten")]
 
 
@@ -65,11 +73,7 @@ def test_ground_truth(structure, geometry, mode):
         assert err < NEWTON_TOL.get(geometry, NEWTON_TOL_DEFAULT), err
     else:
         assert err < WHITEN_TOL, err
-        # P g ≈ v for fresh g = H v
-        v = torch.randn((256, *shape), generator=gen, dtype=H.dtype)
-        g = (v.reshape(256, -1) @ H.T).reshape(v.shape)
-        Pg = torch.stack([pre.precondition(x) for x in g])
-        rel = (torch.linalg.vector_norm(Pg - v) / torch.linalg.vector_norm(v)).item()
+        rel = whitening_error(pre, H, shape, gen)  # P g ≈ v for fresh g = H v
         assert rel < WHITEN_TOL, rel
 
 
@@ -139,14 +143,6 @@ def test_lipschitz_state(lipschitz):
 
 WHITEN_RULES = ["QEQ", "QEP", "Q0.5EQ1.5", "QUAD", "PRO4P", "QUAD4P"]
 ANNEALED = [0.2 / (1 + t / 200) for t in range(2000)]  # the ground-truth battery's schedule
-
-
-def whitening_error(pre, H, shape, gen) -> float:
-    """``‖P g − v‖/‖v‖`` over 256 fresh ``g = H v``."""
-    v = torch.randn((256, *shape), generator=gen, dtype=H.dtype)
-    g = (v.reshape(256, -1) @ H.T).reshape(v.shape)
-    Pg = torch.stack([pre.precondition(x) for x in g])
-    return (torch.linalg.vector_norm(Pg - v) / torch.linalg.vector_norm(v)).item()
 
 
 def default_whitening_fit(structure, geometry, seed, **kw) -> float:

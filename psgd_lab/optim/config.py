@@ -73,8 +73,9 @@ def check_step_settings(g: dict) -> None:
         scale = g["precond_init_scale"]
         check_number("precond_init_scale", scale, 0, math.inf, lo_open=True, hi_open=True)
     check_number("beta_L", g["beta_L"], 0, 1, hi_open=True)
-    check_clip(g.get("clip", "tensor"), g.get("clip_max_amp", 1.1))
-    check_number("clip_max_entry", g.get("clip_max_entry", math.inf), 0, math.inf, lo_open=True)
+    check_clip(
+        g.get("clip", "tensor"), g.get("clip_max_amp", 1.1), g.get("clip_max_entry", math.inf)
+    )
 
 
 def check_group(g: dict) -> None:
@@ -111,9 +112,10 @@ def check_group(g: dict) -> None:
 CLIPS = ("tensor", "global", None)
 
 
-def check_clip(clip, max_amp) -> None:
+def check_clip(clip, max_amp, max_entry=math.inf) -> None:
     check_choice("clip", clip, CLIPS)
     check_number("clip_max_amp", max_amp, 0, math.inf, lo_open=True)
+    check_number("clip_max_entry", max_entry, 0, math.inf, lo_open=True)
 
 
 def check_param(p: Tensor, group: dict) -> None:

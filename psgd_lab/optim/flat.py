@@ -301,7 +301,6 @@ def _layout(group: dict) -> tuple[torch.dtype, torch.device, torch.dtype]:
 def _check_group(g: dict) -> None:
     check_step_settings(g)
     check_number("damping", g["damping"], 0, math.inf, hi_open=True)
-    check_number("clip_max_entry", g.get("clip_max_entry", math.inf), 0, math.inf, lo_open=True)
     for name in ("mu_dtype", "precond_dtype"):
         dt = g[name]
         if dt is not None and not (isinstance(dt, torch.dtype) and dt.is_floating_point):
