@@ -152,6 +152,17 @@ def apply_q_triangular(Q: Sequence[Tensor], X: Tensor) -> Tensor:
     return X
 
 
+def unfold(X: Tensor, i: int) -> Tensor:
+    """The stack ``X`` unfolded along axis ``i``: ``(B, d_i, numel/d_i)`` (a view where it can
+    be), so ``gram_i(X, Y) = unfold(X, i) unfold(Y, i)ᴴ``."""
+    B, a, d, b = _axes(X, i)
+    if a == 1:
+        return X.reshape(B, d, b)
+    if b == 1:
+        return X.reshape(B, a, d).mT
+    return X.movedim(i + 1, 1).reshape(B, d, a * b)
+
+
 def gram(i: int, X: Tensor, Y: Tensor) -> Tensor:
     """``gram_i(X, Y)`` per tensor of the stacks: contract ``X`` and ``conj(Y)`` over every axis
     but ``i`` (docs/maths.md §1); ``(B, d, d)``, or ``(B, d)`` with ``diag`` (only its diagonal)."""

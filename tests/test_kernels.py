@@ -218,7 +218,7 @@ def test_compiled_kernel_survives_many_structures(per_structure):
     """A model with more structures than dynamo's recompile limit (8): each structure compiles
     apart (``CompiledSteps``); one shared compiled function fails with ``fullgraph=True`` there.
     The eager backend keeps this fast: the graphs are traced, not code-generated."""
-    from psgd_lab.optim.kernels import CompiledSteps, stacked_step
+    from psgd_lab.optim.grouped import CompiledSteps, stacked_step
 
     gen = torch.Generator().manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(3 + i, 4, generator=gen)) for i in range(10)]

@@ -49,4 +49,5 @@ def apply_updates(targets: list[Tensor], us: list[Tensor], oks: list[Tensor], nd
         ok = torch.stack([oks[i] for i in decay]).to(wide)
         keep = (1 - lr * weight_decay * ok).unbind(0)
         torch._foreach_mul_([targets[i] for i in decay], list(keep))
-    torch._foreach_add_(targets, [u.reshape(t.shape) for u, t in zip(us, targets)], alpha=-lr)
+    us = [u if u.shape == t.shape else u.reshape(t.shape) for u, t in zip(us, targets)]
+    torch._foreach_add_(targets, us, alpha=-lr)

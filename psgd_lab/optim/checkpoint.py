@@ -105,6 +105,7 @@ def load_state_dict(opt, sd: dict, base_load) -> None:
     else:
         opt._draw_counts = [int(c) for c in extra["draw_counts"]]
     opt._cache.clear()
+    opt._group_plans.clear()  # their states were replaced
     opt._layout_checked = False  # the loaded schedule state is compared at the next step
     opt.nonfinite_count = int(extra["nonfinite_count"])
     opt.seed = int(extra["seed"])

@@ -179,7 +179,7 @@ class _Flat(torch.optim.Optimizer):
                                      for p, x in zip(params, present)])  # fmt: skip
         _momentum(M, G, b1, moving, None)  # Kron's update, M seen as a stack of n scalars
         st["step"].add_(ok.to(torch.int64))
-        m_hat = (M / _debias(b1, st["step"], M)).to(pre.dtype)
+        m_hat = (M / _debias(b1, st["step"], M.dtype)).to(pre.dtype)
         if do:
             if self.mode == "newton":
                 h, v, info = pair[1].to(pre.dtype), pair[0].to(pre.dtype), pair[1]

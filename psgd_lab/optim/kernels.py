@@ -3,9 +3,10 @@ kernels.
 
 - ``single_step``: the plain reference, one tensor at a time, reading like the paper; a
   non-finite gradient is found on the host and the tensor skipped.
-- ``grouped_step``: tensors of equal structure (factor shape, diagonal flags, dtypes, device)
-  stacked, each line one batched op for the whole stack; a non-finite or all-zero gradient is
-  masked on the device (``torch.where``), so the step needs no host sync. The default.
+- ``stacked_step``: the maths of the grouped kernel (``grouped``): tensors of equal structure
+  (factor shape, diagonal flags, dtypes, device) stacked, each line one batched op for the whole
+  stack; a non-finite or all-zero gradient is masked on the device (``torch.where``), so the
+  step needs no host sync. The default.
 
 Both end in the same thing per tensor: the update direction ``u`` (in the factor shape) and a
 flag ``ok`` (False: non-finite, skipped), to be applied as ``θ ← θ·(1 − lr·wd·ok) − lr·u``
@@ -16,7 +17,6 @@ flag ``ok`` (False: non-finite, skipped), to be applied as ``θ ← θ·(1 − l
 from __future__ import annotations
 
 import math
-import types
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,7 +28,7 @@ from .. import geometry as geo
 from ..pairs import Draws
 from ..structure import KronPlan
 from .config import Hyper
-from .padding import layout, paddable, split, stack, stack_draws
+from .padding import paddable
 
 CHUNK_BYTES = 32 * 2**20  # at most this much gradient and factors per stack (or one tensor)
 
@@ -124,27 +124,36 @@ def _fit(hy: Hyper, Q: list, state_L, h, v, draws: Draws, balance: bool, init, n
     return L
 
 
-def _clip(Pm: Tensor, debias: Tensor, hy: Hyper, numel: Tensor | None = None) -> Tensor:
-    """Per tensor of the stack: ``scale`` with ``u = scale · P m`` = ``P m̂`` clipped to RMS
-    ``hy.clip_max_amp`` (1.1: kron-torch's, docs/maths.md §5.4) with ``clip="tensor"``, else
-    ``P m̂`` as it is (``"global"`` clips the whole group afterwards: ``clip_global``); ``P`` is
-    linear, so the debias folds into the scale. ``vector_norm`` along the contiguous last dim is
-    fast and accumulates in double on the CPU (no overflow). ``numel``: the tensors' lengths in a
-    zero-padded stack (``√n`` rounded from double, as the Python float of a plain stack is)."""
+def _clip(Pm: Tensor, debias: Tensor, hy: Hyper, numel: Tensor | None = None):
+    """Per tensor of the stack: ``(scale, finite)`` with ``u = scale · P m`` = ``P m̂`` clipped
+    to RMS ``hy.clip_max_amp`` (1.1: kron-torch's, docs/maths.md §5.4) with ``clip="tensor"``,
+    else ``P m̂`` as it is (``"global"`` clips the whole group afterwards: ``clip_global``); ``P``
+    is linear, so the debias folds into the scale. ``finite``: where the norm the clip takes is
+    finite, so is ``P m`` (None: no norm taken). ``numel``: the tensors' lengths in a zero-padded
+    stack (``√n`` rounded from double, as the Python float of a plain stack is)."""
     if hy.clip != "tensor":
-        return 1 / debias
+        return 1 / debias, None
     if numel is None:
         root = math.sqrt(math.prod(Pm.shape[1:]))
     else:
         root = numel.double().sqrt().to(debias.dtype)
-    rms = torch.linalg.vector_norm(Pm.reshape(Pm.shape[0], -1), dim=1) / (root * debias)
-    return torch.clamp(hy.clip_max_amp / (rms + 1e-12), max=1.0) / debias
+    norm = torch.linalg.vector_norm(Pm.reshape(Pm.shape[0], -1), dim=1)
+    rms = norm / (root * debias)
+    return torch.clamp(hy.clip_max_amp / (rms + 1e-12), max=1.0) / debias, torch.isfinite(norm)
 
 
-def _debias(b1: float, steps: Tensor, like: Tensor) -> Tensor:
-    """``1 − b1ᵗ`` per tensor; 1 before a tensor's first finite step (its momentum is still 0)."""
-    real = torch.promote_types(like.real.dtype, torch.float32)
-    return torch.where(steps > 0, 1 - torch.pow(b1, steps.to(real)), 1.0)
+def _debias(b1: float, steps: Tensor, dtype: torch.dtype) -> Tensor:
+    """``1 − b1ᵗ`` per tensor, in ``dtype``'s real precision (at least float32)."""
+    real = _REAL.get(dtype) or torch.promote_types(torch.empty(0, dtype=dtype).real.dtype,
+                                                   torch.float32)  # fmt: skip
+    # before the first finite step (t = 0, 1 − b1⁰ = 0) the momentum is 0 and any positive
+    # value does: the clamp keeps the division finite in one op where torch.where takes three
+    return (1 - torch.pow(b1, steps.to(real))).clamp_(min=torch.finfo(real).tiny)
+
+
+_REAL = {torch.float32: torch.float32, torch.float64: torch.float64,
+         torch.bfloat16: torch.float32, torch.float16: torch.float32,
+         torch.complex64: torch.float32, torch.complex128: torch.float64}  # fmt: skip
 
 
 def _known(mask: Tensor) -> bool | None:
@@ -195,7 +204,7 @@ def single_step(items: Sequence[Item], hy: Hyper, *, do_update: bool, prob: floa
         st["step"] += 1
         Q = [q.unsqueeze(0) for q in st["Q"]]  # views: updated in place
         pd = Q[0].dtype
-        debias = _debias(hy.b1, st["step"].reshape(1), Q[0])
+        debias = _debias(hy.b1, st["step"].reshape(1), pd)
         m_p = m.to(pd)
         if do_update:
             pair = None if hv is None else (hv[0].to(pd), hv[1].to(pd))
@@ -219,7 +228,7 @@ def single_step(items: Sequence[Item], hy: Hyper, *, do_update: bool, prob: floa
                 (torch.zeros_like(Pm[0]), torch.zeros((), dtype=torch.bool, device=g.device))
             )
             continue
-        u = Pm.mul_(_per(_clip(Pm, debias, hy), Pm))
+        u = Pm.mul_(_per(_clip(Pm, debias, hy)[0], Pm))
         out.append((u[0], torch.ones((), dtype=torch.bool, device=g.device)))
     return out
 
@@ -232,19 +241,20 @@ def stacked_step(G, M, steps, Q, L, init, hv, draws, *, hy: Hyper, pd: torch.dty
     """The grouped maths on stacks, without host syncs (a pure function of its inputs; what
     ``Kron(compile=True)`` compiles): returns ``(M, steps, Q, L, init, u, ok, P_i kept)``.
     ``numel``: per tensor, its length in a zero-padded stack of vectors (``padding.Rows``)."""
-    finite, nonzero = _stats(G)
+    top = _top(G)  # max|g|: finite, and not all zero
+    ok = _finite(top)
     if hv is not None:
-        hv_finite, nonzero = _stats(hv[1])
-        finite = finite & hv_finite
-    ok = finite
-    M = _momentum(M, G, hy.b1, ok, _known(ok))
+        top = _top(hv[1])
+        ok = ok & _finite(top)
+    all_ok = _known(ok)
+    M = _momentum(M, G, hy.b1, ok, all_ok)
     steps = steps + ok
-    debias = _debias(hy.b1, steps, M.new_empty(0, dtype=pd))
+    debias = _debias(hy.b1, steps, pd)
     m_p = M.to(pd)
     if do_update:
         pair = None if hv is None else (hv[0].to(pd), hv[1].to(pd))
         h, v, _ = _pair(hy, (m_p / _per(debias, m_p)).to(pd), G.to(pd), pair)
-        fit_ok = ok & nonzero
+        fit_ok = ok & (top != 0)
         every = _known(fit_ok)
         if every:  # the CPU knows every pair is fit: update in place (L too), keep a copy
             work, L_work = Q, L
@@ -255,7 +265,7 @@ def stacked_step(G, M, steps, Q, L, init, hv, draws, *, hy: Hyper, pd: torch.dty
         fitted_L = _fit(hy, work, L_work, h, v, draws, balance, init, numel)
         L_work = None if L is None else fitted_L  # lipschitz="kron" keeps no L
         for w in work:  # a fit that overflowed (a 1e20 gradient once P has grown) keeps Q
-            fit_ok = fit_ok & _stats(w)[0]
+            fit_ok = fit_ok & _finite(_top(w))
         if _known(fit_ok):
             Q, L = work, L_work
         else:
@@ -266,127 +276,33 @@ def stacked_step(G, M, steps, Q, L, init, hv, draws, *, hy: Hyper, pd: torch.dty
             init = init | fit_ok
         cached = None
     Pm, cached = precondition(Q, m_p, hy, keep, cached)
-    ok = ok & _stats(Pm)[0]  # P m̂ can overflow where m̂ is finite (a 1e20 entry): skip it
-    scale = torch.nan_to_num(_clip(Pm, debias, hy, numel)) * ok
-    if not _known(ok):  # inf · 0 is NaN: zero the skipped tensors' updates outright
+    scale, finite = _clip(Pm, debias, hy, numel)
+    if finite is None or not _known(finite):  # a finite norm says it; else look at P m̂
+        finite = _finite(_top(Pm))  # it can overflow where m̂ is finite (a 1e20 entry): skip it
+        ok, all_ok = ok & finite, None
+    if not all_ok:  # (with every norm finite and every gradient too, the scale is as it is)
+        scale = torch.nan_to_num(scale) * ok
+    if not (all_ok or _known(ok)):  # inf · 0 is NaN: zero the skipped tensors' updates outright
         Pm = torch.where(_per(ok, Pm), Pm, 0)
     return M, steps, Q, L, init, Pm.mul_(_per(scale, Pm)), ok, cached
 
 
-def _stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per tensor of the stack: all finite, and not all zero, from its maximum and minimum (NaN
-    and ±Inf reach one of them; the tensor is all zero iff both are 0). No temporary: fused
-    ``torch.aminmax`` over a dim is many times slower on the CPU, and so is ``abs().amax()``'s
-    copy of a large tensor (page faults); a small one's copy costs less than the dispatches it
-    saves."""
+def _top(x: Tensor) -> Tensor:
+    """Per tensor of the stack, ``max|x|``: NaN or Inf where ``x`` has one, 0 where it is all
+    zero. A large real tensor's from its maximum and minimum, without a temporary: fused
+    ``torch.aminmax`` over a dim is many times slower on the CPU, and so is ``abs().amax()``'s copy
+    of a large tensor (page faults), and the infinity norm 10-20x; a small tensor's ``|x|`` copy
+    costs less than the two dispatches it saves."""
     flat = x.reshape(x.shape[0], -1)
     if flat.shape[1] == 0:
-        none = torch.zeros(flat.shape[0], dtype=torch.bool, device=x.device)
-        return ~none, none
+        return flat.new_zeros(flat.shape[0], dtype=flat.real.dtype)
     if flat.is_complex():
         flat = torch.view_as_real(flat).reshape(flat.shape[0], -1)
     if flat.shape[1] <= 4096:
-        top = flat.abs().amax(dim=1)  # NaN propagates
-        return torch.isfinite(top), top != 0
-    hi, lo = flat.amax(dim=1), flat.amin(dim=1)
-    return torch.isfinite(hi) & torch.isfinite(lo), (hi != 0) | (lo != 0)
+        return flat.abs().amax(dim=1)  # NaN propagates
+    return torch.maximum(flat.amax(dim=1), flat.amin(dim=1).neg_())
 
 
-def chunks(items: Sequence[Item], cap: int = CHUNK_BYTES) -> list[list[Item]]:
-    """Items grouped by ``Item.key`` (in first-seen order), each group split so a stack holds at
-    most ``cap`` bytes of gradient and factors (or one tensor): stacking copies the factors, and a
-    copy of a few 4096 x 4096 factors costs more than the products it batches. Vectors of
-    different lengths are split by ``padding.split`` (bounded padding)."""
-    groups: dict[tuple, list[Item]] = {}
-    for it in items:
-        groups.setdefault(it.key(), []).append(it)
-    out = []
-    for key, group in groups.items():
-        if key[0] == "padded":
-            per = group[0].grad.element_size() + group[0].state["Q"][0].element_size()
-            parts = split([it.plan.numel for it in group], cap // per)
-            out += [[group[i] for i in part] for part in parts]
-            continue
-        size, part = 0, []
-        for it in group:
-            nbytes = it.grad.nbytes + sum(q.nbytes for q in it.state["Q"])
-            if part and size + nbytes > cap:
-                out.append(part)
-                size, part = 0, []
-            part.append(it)
-            size += nbytes
-        out.append(part)
-    return out
-
-
-class CompiledSteps:
-    """``stacked_step`` compiled once per stack structure (``Item.key``). Each structure gets its
-    own copy of the function's code object, so dynamo caches it apart: with one shared code
-    object a model with more than a few structures (a ResNet has dozens) hits dynamo's recompile
-    limit of 8 and ``fullgraph=True`` turns that into an error."""
-
-    def __init__(self, **compile_kw):
-        self.kw, self.fns = compile_kw, {}
-
-    def __call__(self, key: tuple):
-        if key not in self.fns:
-            f = stacked_step
-            code = f.__code__.replace(co_name=f"stacked_step_{len(self.fns)}")
-            copy = types.FunctionType(code, f.__globals__, code.co_name, f.__defaults__,
-                                      f.__closure__)  # fmt: skip
-            copy.__kwdefaults__ = f.__kwdefaults__
-            self.fns[key] = torch.compile(copy, **self.kw)
-        return self.fns[key]
-
-
-def grouped_step(items: Sequence[Item], hy: Hyper, *, do_update: bool, prob: float | None,
-                 balance: bool, cache: dict, step_fn=stacked_step) -> list:  # fmt: skip
-    """The grouped kernel: one ``stacked_step`` per chunk of equal-structured tensors (vectors of
-    several lengths zero-padded, ``padding``); results copied back into each tensor's state with
-    ``torch._foreach_copy_``. ``cache``: per chunk of tensors, the ``P_i`` kept between calls."""
-    out: dict[int, tuple[Tensor, Tensor]] = {}
-    if do_update:  # kept P_i of any chunk holding a tensor fit now are stale (a chunk's
-        ids = {id(it.p) for it in items}  # members change with missing gradients)
-        for k in [k for k in cache if not ids.isdisjoint(k)]:
-            del cache[k]
-    for part in chunks(items):
-        sts = [it.state for it in part]
-        lay = layout([it.plan for it in part], part[0].grad.device)
-        key, keep = tuple(id(it.p) for it in part), cached_dims(part[0].plan, prob)
-        cached = cache.get(key)
-        kept_all = cached is not None and all(c is not None for k, c in zip(keep, cached) if k)
-        if do_update or not (kept_all and all(keep)) or hy.geometry.fits_p:
-            Q0 = [lay.factor(list(f)) for f in zip(*(st["Q"] for st in sts))]
-        else:  # every factor applied from its kept P_i: Q is not needed, not even stacked
-            Q0 = [None] * len(keep)
-        L0 = None if "L" not in sts[0] else [stack(list(f)) for f in zip(*(st["L"] for st in sts))]
-        init = None if hy.init_scale is not None else torch.stack([st["initialised"] for st in sts])
-        hv = None
-        if part[0].hv is not None:
-            hv = tuple(lay.data([it.hv[j] for it in part]) for j in (0, 1))
-        draws = stack_draws([it.draws for it in part], lay) if do_update else None
-        moms = [st["momentum_buffer"] for st in sts]
-        M0 = lay.data(moms)
-        compile_key = part[0].key() if lay.numel is None else (part[0].key(), lay.lengths)
-        fn = step_fn(compile_key) if isinstance(step_fn, CompiledSteps) else step_fn
-        M, steps, Q, L, init, U, ok, kept = fn(
-            lay.data([it.grad for it in part]), M0, stack([st["step"] for st in sts]), Q0, L0,
-            init, hv, draws, hy=hy, pd=sts[0]["Q"][0].dtype, do_update=do_update,
-            balance=balance, keep=keep, cached=cached, numel=lay.numel,
-        )  # fmt: skip
-        cache[key] = kept
-        lay.back(moms, M, M0)  # a stack of one is a view: updated in place already
-        torch._foreach_copy_([st["step"] for st in sts], list(steps.unbind(0)))
-        if do_update:
-            # a stack of one updated in place is the state itself; anything else is copied back
-            for i in range(len(Q0)):
-                lay.back([st["Q"][i] for st in sts], Q[i], Q0[i])
-            if L is not None:
-                for i in range(len(L)):
-                    if len(part) > 1 or L[i] is not L0[i]:
-                        torch._foreach_copy_([st["L"][i] for st in sts], list(L[i].unbind(0)))
-            if init is not None:
-                torch._foreach_copy_([st["initialised"] for st in sts], list(init.unbind(0)))
-        for it, u, k in zip(part, lay.rows(U), ok.unbind(0)):
-            out[id(it.p)] = (u, k)
-    return [out[id(it.p)] for it in items]
+def _finite(top: Tensor) -> Tensor:
+    """``_top``'s tensors that are finite (one op: ``torch.isfinite`` dispatches four)."""
+    return top < math.inf  # False for NaN and Inf

@@ -33,9 +33,10 @@ from .config import (
     mu_dtype,
     precond_dtype,  # fmt: skip
 )
-from .kernels import CompiledSteps, Item, grouped_step, single_step, stacked_step
+from .grouped import CompiledSteps, GroupPlan, plan_key, run
+from .kernels import Item, single_step, stacked_step
 from .memory import ParamInfo
-from .streams import LazyCount, Streams
+from .streams import LazyCount, Streams, draw_all
 
 
 class Kron(torch.optim.Optimizer):
@@ -144,6 +145,8 @@ class Kron(torch.optim.Optimizer):
         self._counters: list[int] = []
         self._draw_counts: list[int] = []  # per parameter: preconditioner updates drawn for
         self._plans: dict[int, tuple[tuple, KronPlan, tuple]] = {}
+        self._group_plans: dict[int, tuple] = {}  # the latest GroupPlan per group
+        self._draw_spec: dict[int, tuple] = {}  # id(p) -> (plan, geometry, starts, dtype, device)
         self._warned: set[str] = set()
         super().__init__(params, defaults)
         self._prob_step = 0  # step() calls so far: the schedule's n
@@ -166,6 +169,7 @@ class Kron(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
         self._counters.append(0)
+        self._group_plans.clear()
         self._draw_counts += [0] * len(group["params"])
         self._layout_checked, self._has_dtensor = False, None  # compared again at the next step
         memory.warn(self, len(self.param_groups) - 1)
@@ -216,8 +220,8 @@ class Kron(torch.optim.Optimizer):
         loss = None if self.mode == "newton" else newton.call_closure(closure)
         decisions = [self._decide(gi, g) for gi, g in enumerate(self.param_groups)]
         todo = self._todo(decisions)
-        plans = self._plans_now(todo)
         counts = list(self._draw_counts)
+        plans = self._plans_now([t for t in todo if t[2]])  # the updating ones' (for the draws)
         draws = self._draw(todo, counts, plans)
         hvs: dict = {}
         if self.mode == "newton":
@@ -265,25 +269,8 @@ class Kron(torch.optim.Optimizer):
         return self._pos_of[id(p)]
 
     def _draw(self, todo: list, counts: list[int], plans: dict) -> dict:
-        """Each updating parameter's draws from its own stream (every parameter in Newton mode,
-        whose ``v`` every rank needs; only the owned ones in whitening)."""
-        own, rank = self._owners(), dist_.rank_and_size(self.process_group)[0]
-        out, hypers = {}, {}
-        for p, gi, do, _ in todo:
-            if not do:
-                continue
-            i, group = self._index(p), self.param_groups[gi]
-            if self.mode == "newton" or own.get(p, rank) == rank:
-                if gi not in hypers:
-                    hypers[gi] = Hyper.of(group, self.mode == "newton")
-                hy, plan = hypers[gi], plans[p]
-                out[p] = self._streams.draws(
-                    i, counts[i], plan, hy.geometry.starts(plan, hy.norm_bound),
-                    probe=True, noise=not isinstance(hy.damping, str) and hy.damping > 0,
-                    dtype=precond_dtype(group, p), device=self._grad_device(p),
-                )  # fmt: skip
-            counts[i] += 1
-        return out
+        """Each updating parameter's draws from its own stream (``streams.draw_all``)."""
+        return draw_all(self, todo, counts, plans)
 
     def _grad_device(self, p: Tensor) -> torch.device:
         return p.to_local().device if dist_.is_dtensor(p) else p.device
@@ -315,8 +302,6 @@ class Kron(torch.optim.Optimizer):
         """One kernel per group over the parameters this rank owns; results to the placement."""
         own = self._owners()
         rank = dist_.rank_and_size(self.process_group)[0] if own else 0
-        kernel = grouped_step if self.kernel == "grouped" else single_step
-        extra = {"step_fn": self._step_fn} if self.kernel == "grouped" else {}
         stepped, owned = [], {}
         for gi, group in enumerate(self.param_groups):
             mine = [t for t in todo if t[1] == gi and grads[t[0]].numel() > 0]
@@ -325,22 +310,12 @@ class Kron(torch.optim.Optimizer):
                 mine = [t for t in mine if finite[t[0]]]
                 self._nonfinite.add(torch.ones(len(skipped), dtype=torch.bool))
             stepped += [(p, group) for p, *_ in mine]
-            items = []
-            for p, *_ in mine:
-                if own.get(p, rank) != rank:
-                    continue
-                plan = plans[p]
-                if len(self.state[p]) == 0:
-                    self.state[p].update(self._init_state(p, group, plan))
-                hv = hvs.get(p)
-                items.append(Item(p, grads[p], self.state[p], plan, draws.get(p), hv))
-            if not items:
+            ps = [p for p, *_ in mine if own.get(p, rank) == rank] if own else [t[0] for t in mine]
+            if not ps:
                 continue
             do, prob = mine[0][2], mine[0][3]
             hy = Hyper.of(group, self.mode == "newton")
-            cache = self._cache if self.precond_cache else {}
-            results = kernel(items, hy, do_update=do, prob=prob if self.precond_cache else None,
-                             balance=balance, cache=cache, **extra)  # fmt: skip
+            results = self._kernel(gi, group, ps, plans, grads, draws, hvs, hy, do, prob, balance)
             if hy.clip == "global":
                 if own or self.dtensor == "local" and self._has_dtensor:
                     raise ValueError(
@@ -350,13 +325,52 @@ class Kron(torch.optim.Optimizer):
                 clip_global([u for u, _ in results], hy.clip_max_amp)
             if finite is None:
                 self._nonfinite.add(~torch.stack([ok for _, ok in results]))
-            done = [(it.p, u, ok) for it, (u, ok) in zip(items, results)]
+            done = [(p, u, ok) for p, (u, ok) in zip(ps, results)]
             if own:
                 owned.update({p: (u, ok) for p, u, ok in done if placement.whole(self, p)})
                 done = [d for d in done if not placement.whole(self, d[0])]
             placement.apply(self, group, done)
         if own:
             placement.exchange(self, owned, stepped, rank)
+
+    def _kernel(self, gi, group, ps, plans, grads, draws, hvs, hy, do, prob, balance) -> list:
+        """``(u, ok)`` of each of ``ps``: the reference kernel, or the grouped one on the group's
+        plan (kept while the same parameters step, ``grouped.GroupPlan``)."""
+        cache = self._cache if self.precond_cache else {}
+        prob = prob if self.precond_cache else None
+        with_hv = ps[0] in hvs  # Newton mode's update steps
+        key = None
+        if self.kernel == "grouped":
+            key = plan_key(ps, memory.group_key(group), prob, with_hv)
+            got = self._group_plans.get(gi)
+            if got is not None and got[0] == key and got[2] is self.state:
+                hv = [hvs[p] for p in ps] if with_hv else None
+                return run(got[1], [grads[p] for p in ps], [draws.get(p) for p in ps], hv, hy,
+                           do_update=do, balance=balance, cache=cache,
+                           step_fn=self._step_fn)  # fmt: skip
+        if any(p not in plans for p in ps):
+            plans = {**plans, **self._plans_now([(q, gi) for q in ps])}
+        items = []
+        for p in ps:
+            if len(self.state[p]) == 0:
+                self.state[p].update(self._init_state(p, group, plans[p]))
+            items.append(Item(p, grads[p], self.state[p], plans[p], draws.get(p), hvs.get(p)))
+        if key is None:
+            return single_step(items, hy, do_update=do, prob=prob, balance=balance, cache=cache)
+        plan = GroupPlan(items, prob)
+        self._group_plans[gi] = (key, plan, self.state)
+        hv = [it.hv for it in items] if with_hv else None
+        return run(
+            plan,
+            [it.grad for it in items],
+            [it.draws for it in items],
+            hv,
+            hy,
+            do_update=do,
+            balance=balance,
+            cache=cache,
+            step_fn=self._step_fn,
+        )
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

@@ -74,6 +74,8 @@ class Rows:
         self.repeat = (start + col % n).reshape(-1).to(device)
         self.real = flat[inside].to(device)
         self.numel = n.reshape(-1).to(device)
+        rows = torch.arange(len(lengths))[:, None] * self.width
+        self.repad = (rows + col % n).reshape(-1).to(device)  # q[j mod n] within each row
 
     @classmethod
     def of(cls, lengths: tuple[int, ...], device: torch.device) -> Rows:
@@ -86,7 +88,7 @@ class Rows:
 
     def data(self, xs: list[Tensor]) -> Tensor:
         """``(B, D)``: each tensor flattened, then zeros."""
-        flat = torch.cat([x.reshape(-1) for x in xs] + [xs[0].new_zeros(1)])
+        flat = torch.cat([x if x.dim() == 1 else x.reshape(-1) for x in xs] + [xs[0].new_zeros(1)])
         return flat[self.zeros].reshape(len(xs), self.width)
 
     def factor(self, xs: list[Tensor]) -> Tensor:
@@ -97,9 +99,14 @@ class Rows:
         """Each tensor's entries of the stack ``X``, flat."""
         return list(X.reshape(-1)[self.real].split(self.lengths))
 
-    def back(self, dsts: list[Tensor], X: Tensor, X0: Tensor | None = None) -> None:
-        """Copy each tensor's entries of ``X`` into ``dsts`` (any shapes of those lengths)."""
-        torch._foreach_copy_([d.view(-1) for d in dsts], self.rows(X))
+    def views(self, X: Tensor, like: list[Tensor]) -> list[Tensor]:
+        """Each tensor's entries of the stack ``X`` as views, in the shapes of ``like``."""
+        return [x[:n].view(t.shape) for x, n, t in zip(X.unbind(0), self.lengths, like)]
+
+    def refresh(self, Q: Tensor) -> Tensor:
+        """The stacked diagonal factors ``Q`` with their padding repeating their own entries
+        again (``factor``'s layout; a fit moves the padding on its own)."""
+        return Q.reshape(-1)[self.repad].reshape(Q.shape)
 
 
 class Same:
@@ -120,10 +127,11 @@ class Same:
     def rows(self, X: Tensor) -> list[Tensor]:
         return list(X.unbind(0))
 
-    def back(self, dsts: list[Tensor], X: Tensor, X0: Tensor | None = None) -> None:
-        """Copy the stack ``X`` into ``dsts``, unless ``X`` is ``X0``, a view of one state."""
-        if len(dsts) > 1 or X is not X0:
-            torch._foreach_copy_([d.view(X.shape[1:]) for d in dsts], list(X.unbind(0)))
+    def views(self, X: Tensor, like: list[Tensor]) -> list[Tensor]:
+        return [x.view(t.shape) for x, t in zip(X.unbind(0), like)]
+
+    def refresh(self, Q: Tensor) -> Tensor:
+        return Q
 
 
 def stack(xs: list[Tensor]) -> Tensor:

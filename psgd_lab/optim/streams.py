@@ -42,7 +42,8 @@ class Streams:
 
     def __init__(self, seed: int):
         self.seed = seed
-        self._gens: dict[str, torch.Generator] = {}
+        self._gens: dict = {}  # device -> its generator
+        self._inner: dict[tuple[int, int], int] = {}  # (seed, index) -> the chain's first links
 
     def draws(
         self,
@@ -57,10 +58,15 @@ class Streams:
         device: torch.device,
     ) -> Draws:
         """Parameter ``index``'s draws for its ``count``-th preconditioner update."""
-        gen = self._gens.get(str(device))
+        gen = self._gens.get(device)
         if gen is None:
-            gen = self._gens[str(device)] = torch.Generator(device=device)
-        gen.manual_seed(stream_seed(self.seed, index, count))
+            gen = self._gens[device] = torch.Generator(device=device)
+        inner = self._inner.get((self.seed, index))
+        if inner is None:  # stream_seed's first two links depend on the parameter only
+            inner = self._inner[self.seed, index] = _splitmix64(
+                _splitmix64(self.seed & _MASK) ^ index
+            )
+        gen.manual_seed(_splitmix64(inner ^ count) >> 1)  # = stream_seed(seed, index, count)
         return draw(plan, starts, probe=probe, noise=noise, dtype=dtype, device=device,
                     generator=gen, randn=randn)  # fmt: skip
 
@@ -111,3 +117,35 @@ class LazyCount:
             self._copies[dev] = (host, event)
         grew, self._reported = seen > self._reported, max(seen, self._reported)
         return grew
+
+
+def draw_all(opt, todo: list, counts: list[int], plans: dict) -> dict:
+    """``Kron``'s draws this step: each updating parameter's from its own stream (every parameter
+    in Newton mode, whose ``v`` every rank needs; only the owned ones in whitening). ``todo``:
+    ``(p, group index, do_update, prob)``; ``counts`` (advanced here): updates drawn per
+    parameter; ``plans``: ``p -> KronPlan`` of the updating ones. What a parameter's draws need
+    besides its plan (random starts, dtype, device) is kept in ``opt._draw_spec``."""
+    from .. import distributed as dist_
+    from .config import Hyper, precond_dtype
+
+    own, rank = opt._owners(), dist_.rank_and_size(opt.process_group)[0]
+    out, hypers, newton = {}, {}, opt.mode == "newton"
+    for p, gi, do, _ in todo:
+        if not do:
+            continue
+        i = opt._index(p)
+        if newton or own.get(p, rank) == rank:
+            if gi not in hypers:
+                hypers[gi] = Hyper.of(group := opt.param_groups[gi], newton)
+                noise = not isinstance(hypers[gi].damping, str) and hypers[gi].damping > 0
+                hypers[gi] = (hypers[gi], group, noise)
+            hy, group, noise = hypers[gi]
+            plan, spec = plans[p], opt._draw_spec.get(id(p))
+            if spec is None or spec[:3] != (plan, hy.geometry, hy.norm_bound):
+                spec = (plan, hy.geometry, hy.norm_bound, hy.geometry.starts(plan, hy.norm_bound),
+                        precond_dtype(group, p), opt._grad_device(p))  # fmt: skip
+                opt._draw_spec[id(p)] = spec
+            out[p] = opt._streams.draws(i, counts[i], plan, spec[3], probe=True, noise=noise,
+                                         dtype=spec[4], device=spec[5])  # fmt: skip
+        counts[i] += 1
+    return out

@@ -1,0 +1,77 @@
+"""The EQ update in factored form (docs/maths.md §3.2) against the plain formula, in float64.
+
+``triu(L Rᴴ) Q`` by suffix sums over blocks of rows equals the dense product then ``triu``; and
+``geometry.update_eq``, which takes the factored path for a dense factor whose unfoldings are
+thin, equals ``Q_i − lr/ℓ_i · triu(T1 − T2) Q_i`` written out with the dense ``T1``, ``T2``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from psgd_lab import factors, geometry
+from psgd_lab.linalg import norm_lower_bound_power, triu_outer_mm
+
+F64 = dict(rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("d, k, block", [(1, 3, 32), (5, 2, 32), (64, 4, 32), (100, 6, 32),
+                                         (130, 16, 16), (256, 3, 64)])  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_triu_outer_mm_is_the_dense_triangular_product(d, k, block, dtype):
+    """Any ``d`` (a multiple of the block or not), a batch of two, real and complex."""
+    g = torch.Generator().manual_seed(d * 7 + k)
+    L, R = (torch.randn(2, d, k, generator=g, dtype=dtype) for _ in range(2))
+    Q = torch.randn(2, d, d + 3, generator=g, dtype=dtype)  # any n: Q needs no structure here
+    want = torch.triu(L @ R.mH) @ Q
+    torch.testing.assert_close(triu_outer_mm(L, R, Q, block), want, **F64)
+
+
+def test_the_factored_path_is_taken_only_where_it_is_cheaper():
+    assert geometry._factored(1024, 32) and geometry._factored(256, 32)
+    assert geometry._factored(4096, 20)  # the old 'conv' set's (10, 4096) weight
+    assert not geometry._factored(1024, 256)  # gpt2-d128's (1024, 128): dense is cheaper
+    assert not geometry._factored(4096, 512)  # fewer FLOPs, but 1 GB of suffix sums
+    assert not geometry._factored(64, 2)  # small: the dense product is one dispatch
+
+
+def _plain_eq(Q, v, h, lr):
+    """``Q_i − lr/ℓ_i · triu(T1 − T2) Q_i`` for every factor, from the dense grams."""
+    A = factors.apply_q(Q, h)
+    Bv = factors.solve_qh(Q, v)
+    out = []
+    for i, q in enumerate(Q):
+        if not factors.is_dense(q):
+            T1, T2 = factors.gram_diag(i, A, A), factors.gram_diag(i, Bv, Bv)
+            ell = (T1 + T2).amax(dim=-1)
+            out.append(q - (lr / ell)[:, None] * (T1 - T2) * q)
+            continue
+        T1, T2 = factors.gram(i, A, A), factors.gram(i, Bv, Bv)
+        ell = norm_lower_bound_power(T1 + T2)
+        out.append(q - (lr / ell)[:, None, None] * torch.triu(T1 - T2) @ q)
+    return out
+
+
+@pytest.mark.parametrize("shape, diag", [((300, 4), (False, False)), ((3, 200, 2), (True, False,
+                                          False)), ((160, 7), (False, True))])  # fmt: skip
+def test_update_eq_factored_equals_the_plain_formula(shape, diag):
+    """Shapes whose long axis takes the factored path (the first axis, a middle one, next to a
+    diagonal factor); 3 updates from a random upper-triangular ``Q``."""
+    g = torch.Generator().manual_seed(len(shape))
+    assert any(geometry._factored(d, 2 * (torch.Size(shape).numel() // d))
+               for d, dg in zip(shape, diag) if not dg)  # fmt: skip
+    Q = []
+    for d, dg in zip(shape, diag):
+        if dg:
+            Q.append(torch.rand(2, d, generator=g, dtype=torch.float64) + 0.5)
+        else:
+            Q.append(torch.eye(d, dtype=torch.float64) + 0.1 * torch.randn(
+                2, d, d, generator=g, dtype=torch.float64).triu())  # fmt: skip
+    L = [torch.zeros(2, dtype=torch.float64) for _ in Q]
+    for _ in range(3):
+        v, h = (torch.randn(2, *shape, generator=g, dtype=torch.float64) for _ in range(2))
+        want = _plain_eq(Q, v, h, lr=0.1)
+        geometry.update("EQ", Q, L, v, h, lr=0.1, lipschitz="kron", norm_bound="power")
+        for got, w in zip(Q, want):
+            torch.testing.assert_close(got, w, **F64)
