@@ -7,7 +7,8 @@ prints the settings as a Markdown table; ``PRESETS`` holds them all.
 Sources: kron-torch 0.3.3's ``Kron`` (``"kron-torch"``: ``Kron``'s own defaults) and the PSGD
 reference implementation (X.-L. Li's ``psgd_torch``, ``psgd.py``): ``KronWhiten``,
 ``KronNewton``, ``LRAWhiten``, ``LRANewton`` and ``DenseNewton`` with their constructors'
-defaults. The current ``psgd.py`` (Oct. 2025) keeps only ``KronWhiten``; the others are the
+defaults. The current ``psgd.py`` (Oct. 2025) keeps only ``KronWhiten``, and its defaults,
+per-tensor amplitude clipping included, are ``"reference-kron-whiten"``'s; the others are the
 Sept. 2025 file's, the last that published them. psgd_lab's rules use the current file's helpers
 (the random subspace norm bound, the Procrustes step of at most 1/8, damping
 ``(λ + eps·|h|)·n``). What psgd_lab does differently is listed in each preset's ``differences``;
@@ -26,8 +27,9 @@ from .optim import LRA, Dense, Kron
 
 # The reference's common choices: no momentum (its default ``momentum=0``), P fitted to the
 # gradient itself, updated every step, Q's scale taken from the first gradient, the EMA Lipschitz
-# estimate, ``damping=1e-9``, and no clipping unless ``grad_clip_max_amp`` is set (then on the RMS
-# of the whole update: ``clip="global"``).
+# estimate, ``damping=1e-9``, and (the Sept. 2025 file's) no clipping unless ``grad_clip_max_amp``
+# is set (then on the RMS of the whole update: ``clip="global"``). The current KronWhiten clips
+# per tensor by default; its preset says so.
 _REFERENCE = dict(
     b1=0.0, preconditioner_update_probability=1.0, momentum_into_precond_update=False,
     precond_lr=0.1, precond_init_scale=None, damping=1e-9, beta_L=0.9, clip=None,
@@ -81,18 +83,18 @@ PRESETS: dict[str, Preset] = {
     "kron-torch": Preset(Kron, {}, "kron-torch 0.3.3, Kron(...) defaults (psgd_lab.Kron's own)"),
     "reference-kron-whiten": Preset(
         Kron,
-        dict(_REF_KRON, lr=0.001),
-        "psgd_torch psgd.py, KronWhiten(...) defaults",
+        dict(_REF_KRON, lr=0.001, clip="tensor", clip_max_amp=2.0, clip_max_entry=10.0),
+        "psgd_torch psgd.py (Oct. 2025), KronWhiten(...) defaults, with its clip "
+        "grad_clip_max_amps=(2.0, 10.0): each tensor's update to RMS 2, then every entry to ±10",
         (
             _MOMENTUM,
             _INIT,
             _COIN,
             _DTYPE,
             _PROCRUSTES,
-            "the current psgd.py's KronWhiten clips by default (grad_clip_max_amps=(2.0, 10.0): "
-            "each tensor's update to RMS 2, then every entry to [-10, 10]); the preset keeps the "
-            "Sept. 2025 default, no clip (grad_clip_max_amp=inf; when set, clip='global'). "
-            "clip='tensor', clip_max_amp=2.0, clip_max_entry=10.0 gives the current clip",
+            "the Sept. 2025 psgd.py's KronWhiten did not clip by default (grad_clip_max_amp=inf; "
+            "when set, on the RMS of the whole update); clip=None, clip_max_entry=math.inf gives "
+            "that default, clip='global', clip_max_amp=a its clip",
         ),
     ),
     "reference-kron-newton": Preset(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -88,8 +89,8 @@ def test_outlier_recovery_under_a_documented_option():
     ``Kron``'s defaults the momentum holds each outlier for hundreds of steps and the RMS clip
     points the update at it: the loss ends at 390 (measured), finite but lost. With the momentum
     off (``b1=0``, as every reference preset has it) each outlier costs one clipped step: 0.33
-    (clean run 0.31). The reference-kron-whiten preset with per-tensor clipping at lr 3e-3 ends at
-    0.0011 (clean 0.0011). Bound: below 10% of the start, and finite."""
+    (clean run 0.31). The reference-kron-whiten preset (its clip: RMS 2 per tensor, entries to ±10)
+    at lr 3e-3 ends at 0.0011 (clean 0.0011). Bound: below 10% of the start, and finite."""
 
     def run(make):
         X, loss = _quadratic()
@@ -108,7 +109,7 @@ def test_outlier_recovery_under_a_documented_option():
     assert default > 0.5 * start  # the default does not recover: stated in the README
     for make in (
         lambda p: Kron(p, lr=3e-3, b1=0.0),
-        lambda p: presets.make("reference-kron-whiten", p, lr=3e-3, clip="tensor"),
+        lambda p: presets.make("reference-kron-whiten", p, lr=3e-3),  # its clip, per tensor
     ):
         start, final, opt = run(make)
         assert final < 0.1 * start, final
@@ -172,8 +173,9 @@ def _clip(us: list, clip, amp, entry=None) -> list:
     return us if entry is None else [u.clamp(-entry, entry) for u in us]
 
 
-KRON_CLIPS = {
-    "no clip (the defaults)": {},
+KRON_CLIPS = {  # overrides of the preset's settings
+    "the preset's defaults (KronWhiten: grad_clip_max_amps=(2.0, 10.0); KronNewton: none)": {},
+    "no clip (KronWhiten's Sept. 2025 default)": {"clip": None, "clip_max_entry": math.inf},
     "grad_clip_max_amp=0.5 (global)": {"clip": "global", "clip_max_amp": 0.5},
     "grad_clip_max_amps=(0.5, 10) (per tensor)": {"clip": "tensor", "clip_max_amp": 0.5},
     # the element clamp binds only where an entry exceeds it after the RMS clip: at RMS 0.5 an
@@ -209,7 +211,8 @@ def test_reference_kron_follows_the_published_step(name, clip):
     params, f = _two_tensors()
     newton = name.endswith("newton")
     overrides = dict(KRON_CLIPS[clip], precond_dtype=F64)
-    if newton and overrides.get("clip") == "tensor":
+    settings = {**presets.get(name).settings, **overrides}
+    if newton and settings.get("clip") == "tensor":
         pytest.skip("KronNewton offers one clip, on the norm of the whole update")
     opt = presets.make(name, params, **overrides)
     lr = 0.01 if newton else 0.001
@@ -239,9 +242,9 @@ def test_reference_kron_follows_the_published_step(name, clip):
                     r.init((g.pow(4).mean() + 1e-36) ** (-1 / 8))
                 r.whiten(g, noise, starts, rot)
         us = [apply_p(r.Q, g) for r, g in zip(ref, grads)]
-        rms_clipped = _clip(us, overrides.get("clip"), overrides.get("clip_max_amp"))
-        entry = overrides.get("clip_max_entry")
-        clipped = _clip(us, overrides.get("clip"), overrides.get("clip_max_amp"), entry)
+        rms_clipped = _clip(us, settings.get("clip"), settings.get("clip_max_amp"))
+        entry = settings.get("clip_max_entry")
+        clipped = _clip(us, settings.get("clip"), settings.get("clip_max_amp"), entry)
         bound += any(c is not u for c, u in zip(rms_clipped, us))
         clamped += entry is not None and any(bool((u.abs() > entry).any()) for u in rms_clipped)
         theta = [x - lr * u for x, u in zip(theta, clipped)]
@@ -254,9 +257,9 @@ def test_reference_kron_follows_the_published_step(name, clip):
             opt.step()
         for p, x in zip(params, theta):
             torch.testing.assert_close(p.detach(), x, **TOL, msg=f"step {t}")
-    if "clip" in overrides:
+    if overrides.get("clip"):
         assert bound > 0  # the clip did bind on some step
-    if "clip_max_entry" in overrides:
+    if overrides.get("clip_max_entry", math.inf) < math.inf:
         assert clamped > 0  # and so did the element clamp
 
 
