@@ -37,17 +37,9 @@ from typing import Any
 
 import numpy as np
 
+from . import best_of_k, runs
 from . import experiment as ex
-from . import runs
-from .best_of_k import (  # the estimators, re-exported
-    Curve,
-    best_of_k_weights,
-    expected_best,
-    expected_best_ci,
-    expected_best_ratio,
-    fraction_reaching,
-    prob_reaching,
-)
+from .best_of_k import *  # noqa: F403 (the estimators, re-exported: best_of_k.__all__)
 from .cache import Cache, canonical, default_cache_dir
 from .priors import Choice, LogUniform, OneMinusLogUniform, Or
 
@@ -277,7 +269,7 @@ def search(
 # ---------------------------------------------------------------------------- the estimators
 
 
-__all__ = [
+__all__ = [  # this module's names, then the estimators it re-exports from best_of_k
     "ADAMW",
     "ADAMW_LR",
     "KRON",
@@ -287,17 +279,11 @@ __all__ = [
     "SGD",
     "WEIGHT_DECAY",
     "Choice",
-    "Curve",
     "LogUniform",
     "OneMinusLogUniform",
     "Or",
     "Search",
     "SearchSpace",
-    "best_of_k_weights",
-    "expected_best",
-    "expected_best_ci",
-    "expected_best_ratio",
-    "fraction_reaching",
-    "prob_reaching",
     "search",
+    *best_of_k.__all__,
 ]

@@ -38,6 +38,12 @@ FORMAT = 1
 EXTRA = "psgd_lab_flat"
 
 
+def _arguments(names: dict) -> dict:
+    """A subclass constructor's arguments by name (its ``locals()`` on entry), for ``_Flat``:
+    the shared settings by their own names, the structure's own ones into ``structure_kw``."""
+    return {k: v for k, v in names.items() if k not in ("self", "__class__")}
+
+
 class _Flat(torch.optim.Optimizer):
     """The shared optimiser; subclasses say how to build the group's preconditioner."""
 
@@ -336,13 +342,7 @@ class LRA(_Flat):
                  clip_max_entry: float = math.inf, seed: int = 42, nonfinite: str = "skip",
                  process_group=None):  # fmt: skip
         check_schedule(uv_schedule)
-        super().__init__(params, lr, b1, weight_decay, preconditioner_update_probability,
-                         momentum_into_precond_update, precond_lr, precond_init_scale, mu_dtype,
-                         precond_dtype, mode=mode, hvp=hvp, damping=damping, beta_L=beta_L,
-                         clip=clip, clip_max_amp=clip_max_amp, seed=seed, nonfinite=nonfinite,
-                         clip_max_entry=clip_max_entry,
-                         process_group=process_group, rank=rank, uv_schedule=uv_schedule,
-                         balance_strength=balance_strength)  # fmt: skip
+        super().__init__(**_arguments(locals()))
 
     def _check_structure(self, group: dict) -> None:
         n, rank = sum(p.numel() for p in group["params"]), group["rank"]
@@ -380,13 +380,7 @@ class Dense(_Flat):
                  clip: str | None = "tensor", clip_max_amp: float = 1.1,
                  clip_max_entry: float = math.inf, seed: int = 42, nonfinite: str = "skip",
                  process_group=None):  # fmt: skip
-        super().__init__(params, lr, b1, weight_decay, preconditioner_update_probability,
-                         momentum_into_precond_update, precond_lr, precond_init_scale, mu_dtype,
-                         precond_dtype, mode=mode, hvp=hvp, damping=damping, beta_L=beta_L,
-                         clip=clip, clip_max_amp=clip_max_amp, seed=seed, nonfinite=nonfinite,
-                         clip_max_entry=clip_max_entry,
-                         process_group=process_group, geometry=geometry,
-                         lipschitz=lipschitz)  # fmt: skip
+        super().__init__(**_arguments(locals()))
 
     def _make(self, group: dict, n: int, dtype, device, seed: int):
         return DensePreconditioner(
