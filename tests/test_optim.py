@@ -120,6 +120,27 @@ def test_newton_mode_needs_a_closure_that_does_not_backward():
         opt.step(lambda: 1.0)
 
 
+def test_newton_mode_names_finite_differences_when_an_op_has_no_double_backward():
+    # the CPU's fused attention (what psgd_lab.workloads.CharGPT uses) has no double backward
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8, 8) / 3)
+    x = torch.randn(2, 2, 16, 4)
+
+    def closure():
+        q = (x.reshape(-1, 8) @ w).reshape(2, 2, 16, 4)
+        y = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+        return y.square().mean()
+
+    opt = Kron([w], lr=0.1, mode="newton", preconditioner_update_probability=1.0)
+    with pytest.raises(RuntimeError, match="pass hvp='finite_difference'"):
+        opt.step(closure)
+    opt = Kron([w], lr=0.1, mode="newton", hvp="finite_difference",
+               preconditioner_update_probability=1.0)  # fmt: skip
+    before = w.detach().clone()
+    opt.step(closure)
+    assert torch.isfinite(w).all() and not torch.equal(w.detach(), before)
+
+
 @pytest.mark.parametrize("hvp", ["autograd", "finite_difference"])
 def test_newton_mode_with_parameters_outside_the_loss_or_linear_in_it(hvp):
     """A parameter the loss does not use, and one it uses linearly, have H v = 0; autograd

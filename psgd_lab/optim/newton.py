@@ -64,7 +64,16 @@ def pairs(opt, closure: Callable | None, params: list[Tensor], probes: dict) -> 
             by_p = dict(zip(params, grads))
             vs = [probes[p] for p in upd]
             if opt.hvp == "autograd":
-                hv = hvp_autograd([by_p[p] for p in upd], upd, vs)
+                try:
+                    hv = hvp_autograd([by_p[p] for p in upd], upd, vs)
+                except RuntimeError as e:  # e.g. CPU fused attention: no double backward
+                    if "derivative for" not in str(e) or "not implemented" not in str(e):
+                        raise
+                    raise RuntimeError(
+                        "Kron(mode='newton', hvp='autograd') differentiates the gradient again, "
+                        f"and an op of this model has no double backward ({e}); pass "
+                        "hvp='finite_difference' (one extra forward and backward instead)"
+                    ) from e
             else:
 
                 def grad_fn():
