@@ -115,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         help="recompute every study run instead of reading the committed results in "
         "notebooks/results/ (and rewrite them): hours here, not minutes",
     )
+    rep.add_argument(
+        "--retime",
+        action="store_true",
+        help="re-measure the timings the answers quote (notebooks/results/NN/timings.json) "
+        "instead of reading them: run it with nothing else on the machine",
+    )
     sub.add_parser("info", help="versions and available geometries")
     mat = sub.add_parser(
         "nbval-matrix",
@@ -172,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         from .cache import RECOMPUTE_ENV
 
         os.environ[RECOMPUTE_ENV] = "1"
+    if args.retime:
+        from .notebook import RETIME_ENV
+
+        os.environ[RETIME_ENV] = "1"
     return reproduce(notebooks, figures, timeout=None if args.full else 600)
 
 

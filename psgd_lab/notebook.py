@@ -8,7 +8,10 @@ by construction (``notebooks/README.md`` states the convention):
   deterministic algorithms, seeded global RNGs and the figure style;
 - ``within(name, value, lo, hi)`` asserts a number the answer rests on lies in a stated bound and
   prints only the bound, so the check passes wherever the conclusion holds;
-- ``check(claim, ok)`` asserts a qualitative conclusion and prints it.
+- ``check(claim, ok)`` asserts a qualitative conclusion and prints it;
+- ``stored_timings(path, live)`` keeps the timings an answer quotes in a committed file, measured
+  once with nothing else running, so re-executing the notebook elsewhere (or under ``psgd-lab
+  reproduce --full``, which runs beside other work) prints the same quoted numbers beside its own.
 
 Exact values and per-seed tables go in cells marked ``# NBVAL_IGNORE_OUTPUT``: printed, stored
 with the notebook and quoted by its answer, but not compared digit for digit.
@@ -16,16 +19,19 @@ with the notebook and quoted by its answer, but not compared digit for digit.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
 import random
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 THREADS_ENV = "PSGD_LAB_THREADS"
+RETIME_ENV = "PSGD_LAB_RETIME"  # "1": re-measure and rewrite stored timings (reproduce --retime)
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,32 @@ def check(claim: str, ok: bool, detail: str = "") -> None:
     if not bool(ok):
         raise AssertionError(f"does not hold: {claim}" + (f" ({detail})" if detail else ""))
     print(f"✓ {claim}")
+
+
+def stored_timings(path, live: dict) -> dict:
+    """The timings a notebook's answer quotes: those stored at ``path`` (JSON), else ``live``.
+
+    ``live`` is what this execution measured (a JSON-able dict). When ``path`` is missing, or
+    ``$PSGD_LAB_RETIME`` is ``1`` (``psgd-lab reproduce --retime``), ``live`` is written there with
+    the machine it was measured on (``"_meta"``) and returned; otherwise the stored dict is
+    returned and ``live`` is only for printing beside it. Timings are not results a recomputation
+    regenerates: they belong to one machine and one load, so they are re-measured on purpose,
+    alone (an exclusive CPU lock here), and the answer cites the stored ones, which every
+    re-execution prints unchanged. Check the live ones against a machine-independent bound.
+    """
+    path = Path(path)
+    if path.exists() and os.environ.get(RETIME_ENV, "") != "1":
+        return json.loads(path.read_text())
+    meta = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "machine": platform.machine(),
+    }
+    stored = {**live, "_meta": meta}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
+    return json.loads(path.read_text())  # what a later execution reads: the same rounding
 
 
 # ---------------------------------------------------------------------------- cross-machine check

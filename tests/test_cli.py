@@ -6,6 +6,7 @@ import nbformat
 import pytest
 
 from psgd_lab import cli
+from psgd_lab.notebook import stored_timings
 
 
 def _notebook(path, *sources):
@@ -49,6 +50,35 @@ def test_reproduce_full_makes_the_kernels_recompute(tmp_path, capsys, monkeypatc
     assert cli.main(["reproduce", str(probe)]) == 1  # without --full the cache is read
     assert cli.main(["reproduce", "--full", str(probe)]) == 0
     assert "(recomputed every study run)" in capsys.readouterr().out
+
+
+def test_reproduce_retime_makes_the_kernels_measure_again(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PSGD_LAB_FIGURES", str(tmp_path / "figs"))
+    monkeypatch.setenv("PSGD_LAB_RETIME", "0")
+    stored = tmp_path / "timings.json"
+    probe = _notebook(
+        tmp_path / "probe.ipynb",
+        "from psgd_lab.notebook import stored_timings",
+        f"t = stored_timings({str(stored)!r}, {{'ms': 2.0}})\nassert t['ms'] == 2.0, t",
+    )
+    stored.write_text('{"ms": 1.0}')
+    assert cli.main(["reproduce", str(probe)]) == 1  # the stored 1.0 is read
+    assert cli.main(["reproduce", "--retime", str(probe)]) == 0
+    assert cli.main(["reproduce", str(probe)]) == 0  # and was rewritten
+    capsys.readouterr()
+
+
+def test_stored_timings_are_read_not_remeasured(tmp_path, monkeypatch):
+    monkeypatch.delenv("PSGD_LAB_RETIME", raising=False)
+    path = tmp_path / "results" / "timings.json"
+    first = stored_timings(path, {"ms": 1.25, "table": {"a": 3.0}})
+    assert first["ms"] == 1.25 and first["table"] == {"a": 3.0}
+    assert set(first["_meta"]) == {"torch", "threads", "cpu_capability", "machine"}
+    assert stored_timings(path, {"ms": 9.0, "table": {"a": 1.0}}) == first  # read back
+    monkeypatch.setenv("PSGD_LAB_RETIME", "1")
+    assert stored_timings(path, {"ms": 9.0})["ms"] == 9.0
+    monkeypatch.delenv("PSGD_LAB_RETIME")
+    assert stored_timings(path, {"ms": 5.0})["ms"] == 9.0
 
 
 def test_info(capsys):
