@@ -85,6 +85,20 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=+-]+", "_", text).strip("_") or "_"
 
 
+def _without_clock(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def _same_result(stored: dict, key: dict, record: dict) -> bool:
+    """Whether a stored file holds ``record``'s result for ``key``, its timings aside."""
+    return (
+        stored.get("key") == key
+        and stored.get("diverged_step") == record["diverged_step"]
+        and _without_clock(stored.get("rows", []))
+        == _without_clock(json.loads(json.dumps(record["rows"])))
+    )
+
+
 class Cache:
     """Run results under ``root``: ``<task>/<Optimizer>_lr<lr>_seed<seed>_<hash>.json``."""
 
@@ -107,7 +121,12 @@ class Cache:
         return {"rows": data["rows"], "diverged_step": data["diverged_step"]}
 
     def save(self, key: dict, record: dict) -> None:
+        """Write ``record`` under ``key``. A stored file that already holds the same result (rows
+        equal but for the wall-clock ``seconds``) is left as it is, so after a recomputation
+        (``psgd-lab reproduce --full``) ``git status`` lists just the runs whose results moved."""
         path = self.path(key)
+        if path.exists() and _same_result(json.loads(path.read_text()), key, record):
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         head = {"key": key, "diverged_step": record["diverged_step"], "torch": torch.__version__}
         text = json.dumps({**head, "rows": "@ROWS@"}, indent=1, sort_keys=True)

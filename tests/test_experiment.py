@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import psgd_lab
+from psgd_lab import cache, problems, runs, stats
 from psgd_lab import experiment as ex
-from psgd_lab import problems, runs, stats
 
 # ---------------------------------------------------------------------------- toy tasks
 
@@ -204,6 +204,24 @@ def test_cached_results_are_reused_until_the_library_version_changes(tmp_path, m
     monkeypatch.setattr(psgd_lab, "__version__", "0.1.0+changed")
     ex.study(task, configs, cache_dir=tmp_path, progress=False, **kw)
     assert len(calls) == 28
+
+
+def test_a_recomputed_run_with_the_same_result_keeps_its_file(tmp_path):
+    key = {"task": "t", "optimizer": "torch.optim.SGD", "lr": 0.1, "seed": 0}
+    store = cache.Cache(tmp_path)
+    rows = [{"step": 0, "metric": 1.5, "train_loss": None, "seconds": 0.0},
+            {"step": 5, "metric": 0.25, "train_loss": 0.5, "seconds": 0.125}]  # fmt: skip
+    store.save(key, {"rows": rows, "diverged_step": None})
+    path = store.path(key)
+    before = path.read_text()
+    slower = [{**r, "seconds": 3 * r["seconds"]} for r in rows]  # a recompute on a busier CPU
+    store.save(key, {"rows": slower, "diverged_step": None})
+    assert path.read_text() == before  # only the clock moved: the committed file stays as it is
+    moved = [rows[0], {**rows[1], "metric": 0.2500001}]
+    store.save(key, {"rows": moved, "diverged_step": None})
+    assert store.load(key)["rows"] == moved  # a result that moved is rewritten
+    store.save(key, {"rows": moved, "diverged_step": 5})
+    assert store.load(key)["diverged_step"] == 5
 
 
 def test_a_diverged_run_is_recorded_with_its_step():
