@@ -163,6 +163,10 @@ _LEAF = 256
 
 
 _NARROW = 64
+# With a narrow right-hand side (at most _NARROW columns: a matrix-vector-like product, bound by
+# the bytes of U it reads) splitting below this size costs more in dispatches than the zero
+# blocks it skips save
+_NARROW_LEAF = 1024
 
 
 def narrow_mm(A: Tensor, X: Tensor) -> Tensor:
@@ -198,7 +202,7 @@ def triu_mm(U: Tensor, X: Tensor) -> Tensor:
     ``[U11 X1 + U12 X2; U22 X2]``, recursively on the triangular blocks (5/8 of a dense product
     at d = 1024, and about half the memory traffic when ``X`` is narrow)."""
     d = U.shape[-1]
-    if d <= _LEAF:
+    if d <= (_NARROW_LEAF if X.shape[-1] <= _NARROW else _LEAF):
         return narrow_mm(U, X)
     k = d // 2
     top = triu_mm(U[..., :k, :k], X[..., :k, :]) + narrow_mm(U[..., :k, k:], X[..., k:, :])
@@ -209,7 +213,7 @@ def triu_h_mm(U: Tensor, X: Tensor) -> Tensor:
     """``Uᴴ @ X`` for upper-triangular ``U`` (so ``Uᴴ`` is lower-triangular):
     ``[U11ᴴ X1; U12ᴴ X1 + U22ᴴ X2]``, recursively, reading only the upper blocks of ``U``."""
     d = U.shape[-1]
-    if d <= _LEAF:
+    if d <= (_NARROW_LEAF if X.shape[-1] <= _NARROW else _LEAF):
         return narrow_mm(U.mH, X)
     k = d // 2
     bottom = triu_h_mm(U[..., k:, k:], X[..., k:, :]) + narrow_mm(U[..., :k, k:].mH, X[..., :k, :])

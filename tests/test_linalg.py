@@ -145,7 +145,9 @@ def test_triangular_products_equal_dense_products(d, dtype):
     torch.testing.assert_close(self_gram(X2), X2 @ X2.mH, **tol)
 
 
-@pytest.mark.parametrize("d,m", [(7, 1), (300, 1), (600, 3), (600, 80), (1100, 2)])
+@pytest.mark.parametrize(
+    "d,m", [(7, 1), (300, 1), (600, 3), (600, 80), (1100, 2), (2100, 1), (1100, 65)]
+)
 def test_triangular_products_equal_dense(d, m):
     """triu_mm and triu_h_mm (block recursion, narrow products as rows times a matrix) equal the
     dense products on stacks."""
