@@ -169,6 +169,11 @@ _NARROW = 64
 _NARROW_LEAF = 1024
 
 
+def _leaf(X: Tensor) -> int:
+    """The size below which ``triu_mm`` / ``triu_h_mm`` stop splitting for right-hand side ``X``."""
+    return _NARROW_LEAF if X.shape[-1] <= _NARROW else _LEAF
+
+
 def narrow_mm(A: Tensor, X: Tensor) -> Tensor:
     """``A @ X`` for a stack of square ``A`` and ``X`` with few columns. On the CPU a batched
     matrix-vector product (``(B, d, d) @ (B, d, 1)``) runs 3-5x slower than the same product
@@ -202,7 +207,7 @@ def triu_mm(U: Tensor, X: Tensor) -> Tensor:
     ``[U11 X1 + U12 X2; U22 X2]``, recursively on the triangular blocks (5/8 of a dense product
     at d = 1024, and about half the memory traffic when ``X`` is narrow)."""
     d = U.shape[-1]
-    if d <= (_NARROW_LEAF if X.shape[-1] <= _NARROW else _LEAF):
+    if d <= _leaf(X):
         return narrow_mm(U, X)
     k = d // 2
     top = triu_mm(U[..., :k, :k], X[..., :k, :]) + narrow_mm(U[..., :k, k:], X[..., k:, :])
@@ -213,7 +218,7 @@ def triu_h_mm(U: Tensor, X: Tensor) -> Tensor:
     """``Uᴴ @ X`` for upper-triangular ``U`` (so ``Uᴴ`` is lower-triangular):
     ``[U11ᴴ X1; U12ᴴ X1 + U22ᴴ X2]``, recursively, reading only the upper blocks of ``U``."""
     d = U.shape[-1]
-    if d <= (_NARROW_LEAF if X.shape[-1] <= _NARROW else _LEAF):
+    if d <= _leaf(X):
         return narrow_mm(U.mH, X)
     k = d // 2
     bottom = triu_h_mm(U[..., k:, k:], X[..., k:, :]) + narrow_mm(U[..., :k, k:].mH, X[..., :k, :])
