@@ -63,3 +63,14 @@ def test_every_notebook_has_a_summary():
 def test_every_number_in_a_summary_is_printed_by_its_notebook(number):
     (path,) = [p for p in NOTEBOOKS if p.name.startswith(number)]
     assert unprinted_numbers(path, text=_summaries()[number]) == []
+
+
+def test_every_number_in_the_readme_rivals_table_is_printed_by_notebook_12():
+    """The README's summary of notebook 12 (its Rivals section: the table and the verdicts under
+    it) quotes only numbers that notebook prints."""
+    root = NOTEBOOKS[0].parent.parent
+    readme = (root / "README.md").read_text()
+    found = re.search(r"^## Rivals\n(.*?)(?=^## )", readme, flags=re.M | re.S)
+    assert found, "README.md has no '## Rivals' section followed by another section"
+    (path,) = [p for p in NOTEBOOKS if p.name.startswith("12_")]
+    assert unprinted_numbers(path, text=found.group(1)) == []
