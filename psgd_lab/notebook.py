@@ -153,6 +153,16 @@ def stored_timings(path, live: dict) -> dict:
     return json.loads(path.read_text())  # what a later execution reads: the same rounding
 
 
+def timing_source(stored: dict) -> str:
+    """Where ``stored_timings`` measured: ``"measured alone with torch …, N thread(s), CPU kernels
+    …"``, for the line a notebook prints above the stored timings it quotes."""
+    m = stored["_meta"]
+    return (
+        f"measured alone with torch {m['torch']}, {m['threads']} thread(s), "
+        f"CPU kernels {m['cpu_capability']}"
+    )
+
+
 # ---------------------------------------------------------------------------- cross-machine check
 
 # Simulated machines for ``psgd-lab nbval-matrix``: CPU kernel dispatch (``ATEN_CPU_CAPABILITY``;
