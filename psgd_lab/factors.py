@@ -196,13 +196,17 @@ def gram_self(i: int, X: Tensor, dense: bool = True) -> Tensor:
 
 
 def solve_qh(Q: Sequence[Tensor], V: Tensor) -> Tensor:
-    """``Q⁻ᴴ V`` for upper-triangular dense factors and diagonal ones, by triangular solves."""
+    """``Q⁻ᴴ V`` for upper-triangular dense factors and diagonal ones, by triangular solves, or
+    for a mid-size factor with many right-hand sides (``_by_inverse``) by its inverse."""
     for i, q in enumerate(Q):
         if not is_dense(q):
             V = V / _bcast(q.conj(), i, V)
             continue
         B, a, d, b = _axes(V, i)
-        if a == 1:  # along the first axis: solve Qᴴ Y = V (Qᴴ is lower-triangular)
+        if _by_inverse(d, a * b) and q.element_size() >= 4 and q.dtype == V.dtype:
+            R = torch.linalg.solve_triangular(q, _eye(q), upper=True)  # Q⁻¹
+            V = apply_one(R.mH, i, V)  # Q⁻ᴴ along axis i
+        elif a == 1:  # along the first axis: solve Qᴴ Y = V (Qᴴ is lower-triangular)
             Y = solve_triangular_lowp(q.mH, V.reshape(B, d, b), upper=False, left=True)
             V = Y.reshape(V.shape)
         else:  # along axis i moved last: Y conj(Q) = V
@@ -210,6 +214,23 @@ def solve_qh(Q: Sequence[Tensor], V: Tensor) -> Tensor:
             Y = solve_triangular_lowp(q.conj(), Vi.reshape(B, -1, d), upper=True, left=False)
             V = Y.reshape(Vi.shape).movedim(-1, i + 1)
     return V
+
+
+def _by_inverse(d: int, rhs: int) -> bool:
+    """Whether ``Q⁻ᴴ V`` along a ``d x d`` factor with ``rhs`` right-hand sides is cheaper as
+    ``(Q⁻¹)ᴴ V``: ``torch.linalg.solve_triangular`` runs at a fraction of a product's speed
+    on many right-hand sides (and copies them to its column-major layout first), while the
+    inverse costs one solve on ``d`` of them. Measured here (2 threads, float32): 1.5-2.3x
+    faster for ``128 ≤ d ≤ 256`` from ``rhs = 2d`` (a GPT-2 embedding, 50257 x 128: 42 → 21 ms),
+    slower past ``d = 256`` (the inverse is a cubic solve). Below ``d = 128`` the solve costs
+    little and stays, and so does a half-precision one (its solve runs in float32). The two
+    agree to ~5e-7 relative in float32."""
+    return 128 <= d <= 256 and rhs >= 2 * d
+
+
+def _eye(q: Tensor) -> Tensor:
+    """The identity broadcast to the stack of factors ``q``."""
+    return torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand(q.shape)
 
 
 def balance(Q: list[Tensor]) -> list[Tensor]:

@@ -135,10 +135,11 @@ def difference(T1: Tensor, T2: T2Term) -> Tensor:
     return E.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _bound(T: Tensor, norm_bound: str, start: Tensor | None) -> Tensor:
-    """Per tensor, a lower bound of ``‖T‖₂``: the norm bound (dense) or ``max`` (diagonal)."""
+def _bound(T: Tensor, norm_bound: str, start: Tensor | None, spent: bool = False) -> Tensor:
+    """Per tensor, a lower bound of ``‖T‖₂``: the norm bound (dense) or ``max`` (diagonal).
+    ``spent``: ``T`` is a temporary the bound may overwrite."""
     if T.dim() == 3:
-        return norm_lower_bound(T, norm_bound, start).real
+        return norm_lower_bound(T, norm_bound, start, overwrite=spent).real
     return T.real if T.dim() == 1 else T.real.amax(dim=-1)
 
 
@@ -159,7 +160,7 @@ def _step(ell: Tensor, L_i: Tensor, lr: float, lipschitz: str, beta_L: float) ->
 def step_size(T1, T2, L_i, q, lr, lipschitz, beta_L, norm_bound, start) -> Tensor:
     """``lr / L_i`` shaped against ``q``, after updating ``L_i`` from this pair's ``ℓ``."""
     if isinstance(T2, Tensor):
-        ell = _bound(T1 + T2, norm_bound, start)
+        ell = _bound(T1 + T2, norm_bound, start, spent=True)
     else:
         ell = _bound(T1, norm_bound, start) + T2
     return _s(_step(ell, L_i, lr, lipschitz, beta_L), q)

@@ -154,3 +154,40 @@ def test_triangular_apply_p_equals_dense(shape, i):
     X = torch.randn(3, *shape, generator=gen, dtype=torch.float64)
     want = factors.apply_one(factors.adjoint(q), i, factors.apply_one(q, i, X))
     torch.testing.assert_close(factors.apply_p_one_triangular(q, i, X), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64])
+@pytest.mark.parametrize("shape", [(128, 300), (400, 192), (3, 160, 120)])
+def test_solve_by_inverse_agrees_with_the_triangular_solve(shape, dtype, monkeypatch):
+    """A 128-256 factor with at least 2d right-hand sides is solved through its inverse
+    (``factors._by_inverse``, 1.5-2.3x faster on the CPU); it agrees with the triangular solve
+    to float round-off (relative 5e-6 in single precision, 1e-12 in double), on the first, a
+    middle and the last axis."""
+    diag = tuple(d < 128 for d in shape)
+    Q = random_factors(shape, diag, dtype, batch=2)
+    X = torch.randn((2, *shape), dtype=dtype)
+    used = []
+    real_eye = factors._eye
+    monkeypatch.setattr(factors, "_eye", lambda q: used.append(q.shape[-1]) or real_eye(q))
+    got = factors.solve_qh(Q, X)
+    assert used == [d for d in shape if 128 <= d <= 256]  # the others (300, 400) solve
+    monkeypatch.setattr(factors, "_by_inverse", lambda d, rhs: False)
+    want = factors.solve_qh(Q, X)
+    tol = 1e-12 if dtype == torch.float64 else 5e-6
+    assert float((got - want).abs().max() / want.abs().max()) < tol
+
+
+def test_solve_by_inverse_only_where_it_pays():
+    """Small factors, factors past 256 and too few right-hand sides keep the solve."""
+    assert factors._by_inverse(128, 256) and factors._by_inverse(256, 512)
+    assert not factors._by_inverse(64, 4096)  # cheap anyway
+    assert not factors._by_inverse(384, 4096)  # the inverse (a cubic solve) costs more
+    assert not factors._by_inverse(192, 383)  # fewer than 2d right-hand sides
+
+
+def test_half_precision_factors_keep_the_float32_solve(monkeypatch):
+    """bf16 factors are solved in float32 (``solve_triangular_lowp``), never inverted in bf16."""
+    Q = [q.to(torch.bfloat16) for q in random_factors((160, 400), (False, True), torch.float32)]
+    X = torch.randn(1, 160, 400).to(torch.bfloat16)
+    monkeypatch.setattr(factors, "_eye", lambda q: pytest.fail("inverted a bf16 factor"))
+    assert factors.solve_qh(Q, X).dtype == torch.bfloat16

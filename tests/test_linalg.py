@@ -157,3 +157,17 @@ def test_triangular_products_equal_dense(d, m):
     torch.testing.assert_close(linalg.triu_mm(U, X), U @ X)
     torch.testing.assert_close(linalg.triu_h_mm(U, X), U.mT @ X)
     torch.testing.assert_close(linalg.narrow_mm(U, X), U @ X)
+
+
+@pytest.mark.parametrize("method", ["power", "subspace"])
+def test_norm_bound_overwrite_gives_the_same_bound_and_scales_in_place(method):
+    """``overwrite=True`` (the fit's own ``T1 + T2``) saves a copy and changes no bit."""
+    gen = torch.Generator().manual_seed(3)
+    A = torch.randn(4, 300, 300, generator=gen)
+    A = A + A.mT
+    start = subspace_start(A, gen) if method == "subspace" else None
+    want = norm_lower_bound(A, method, start)
+    B = A.clone()
+    got = norm_lower_bound(B, method, start, overwrite=True)
+    assert torch.equal(got, want)
+    assert not torch.equal(B, A)  # scaled in place
