@@ -203,7 +203,8 @@ def solve_qh(Q: Sequence[Tensor], V: Tensor) -> Tensor:
             V = V / _bcast(q.conj(), i, V)
             continue
         B, a, d, b = _axes(V, i)
-        if _by_inverse(d, a * b) and q.element_size() >= 4 and q.dtype == V.dtype:
+        full = q.dtype == V.dtype == torch.promote_types(q.dtype, torch.float32)  # not half
+        if full and _by_inverse(d, a * b, first=a == 1):
             R = torch.linalg.solve_triangular(q, _eye(q), upper=True)  # Q⁻¹
             V = apply_one(R.mH, i, V)  # Q⁻ᴴ along axis i
         elif a == 1:  # along the first axis: solve Qᴴ Y = V (Qᴴ is lower-triangular)
@@ -216,16 +217,19 @@ def solve_qh(Q: Sequence[Tensor], V: Tensor) -> Tensor:
     return V
 
 
-def _by_inverse(d: int, rhs: int) -> bool:
+def _by_inverse(d: int, rhs: int, first: bool) -> bool:
     """Whether ``Q⁻ᴴ V`` along a ``d x d`` factor with ``rhs`` right-hand sides is cheaper as
-    ``(Q⁻¹)ᴴ V``: ``torch.linalg.solve_triangular`` runs at a fraction of a product's speed
-    on many right-hand sides (and copies them to its column-major layout first), while the
-    inverse costs one solve on ``d`` of them. Measured here (2 threads, float32): 1.5-2.3x
-    faster for ``128 ≤ d ≤ 256`` from ``rhs = 2d`` (a GPT-2 embedding, 50257 x 128: 42 → 21 ms),
-    slower past ``d = 256`` (the inverse is a cubic solve). Below ``d = 128`` the solve costs
-    little and stays, and so does a half-precision one (its solve runs in float32). The two
-    agree to ~5e-7 relative in float32."""
-    return 128 <= d <= 256 and rhs >= 2 * d
+    ``(Q⁻¹)ᴴ V``: the inverse costs one solve on ``d`` right-hand sides, the rest is a product.
+    Measured here (float32, 1 and 2 threads, ``128 ≤ d ≤ 256``): along a tensor's first axis
+    (``first``: ``Qᴴ Y = V``, whose right-hand sides ``torch.linalg.solve_triangular`` copies to
+    column-major first) the inverse is 1.2-4.2x faster from ``rhs = 2d`` on; along another axis
+    the solve runs well and the inverse wins only with far more right-hand sides (1.05-1.4x from
+    ``rhs = 64d``; below that it can lose 2x on one thread): a GPT-2 embedding's ``(50257, 128)``,
+    1.6x on one thread, 2x on two. Past ``d = 256`` the inverse (a cubic solve) costs more;
+    below ``d = 128`` the solve costs little and stays, and so does a half-precision one (its
+    solve runs in float32). The two agree to ~5e-7 relative in float32. The cut-offs were
+    measured on a CPU and are used on every device."""
+    return 128 <= d <= 256 and rhs >= (2 if first else 64) * d
 
 
 def _eye(q: Tensor) -> Tensor:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from psgd_lab import GEOMETRIES, KronPreconditioner, factors
+from psgd_lab import Kron as KronOpt
 from psgd_lab.problems import STRUCTURES, kron_problem
 from psgd_lab.structure import make_plan
 
@@ -157,37 +158,72 @@ def test_triangular_apply_p_equals_dense(shape, i):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64])
-@pytest.mark.parametrize("shape", [(128, 300), (400, 192), (3, 160, 120)])
+@pytest.mark.parametrize("shape", [(128, 300), (8300, 128), (90, 160, 120)])
 def test_solve_by_inverse_agrees_with_the_triangular_solve(shape, dtype, monkeypatch):
-    """A 128-256 factor with at least 2d right-hand sides is solved through its inverse
-    (``factors._by_inverse``, 1.5-2.3x faster on the CPU); it agrees with the triangular solve
-    to float round-off (relative 5e-6 in single precision, 1e-12 in double), on the first, a
-    middle and the last axis."""
-    diag = tuple(d < 128 for d in shape)
+    """A 128-256 factor with enough right-hand sides (``factors._by_inverse``: 2d along the first
+    axis, 64d along another) is solved through its inverse; it agrees with the triangular solve
+    to float round-off (relative 5e-6 in single precision, 1e-12 in double), on the first, the
+    last and a middle axis."""
+    diag = tuple(not 128 <= d <= 256 for d in shape)
     Q = random_factors(shape, diag, dtype, batch=2)
     X = torch.randn((2, *shape), dtype=dtype)
     used = []
     real_eye = factors._eye
     monkeypatch.setattr(factors, "_eye", lambda q: used.append(q.shape[-1]) or real_eye(q))
     got = factors.solve_qh(Q, X)
-    assert used == [d for d in shape if 128 <= d <= 256]  # the others (300, 400) solve
-    monkeypatch.setattr(factors, "_by_inverse", lambda d, rhs: False)
+    assert used == [d for d in shape if 128 <= d <= 256]  # every dense factor took it
+    monkeypatch.setattr(factors, "_by_inverse", lambda d, rhs, first: False)
     want = factors.solve_qh(Q, X)
     tol = 1e-12 if dtype == torch.float64 else 5e-6
     assert float((got - want).abs().max() / want.abs().max()) < tol
 
 
 def test_solve_by_inverse_only_where_it_pays():
-    """Small factors, factors past 256 and too few right-hand sides keep the solve."""
-    assert factors._by_inverse(128, 256) and factors._by_inverse(256, 512)
-    assert not factors._by_inverse(64, 4096)  # cheap anyway
-    assert not factors._by_inverse(384, 4096)  # the inverse (a cubic solve) costs more
-    assert not factors._by_inverse(192, 383)  # fewer than 2d right-hand sides
+    """Small factors, factors past 256 and too few right-hand sides keep the solve; along an
+    axis other than the first, 64d right-hand sides are needed (there the solve runs well)."""
+    assert factors._by_inverse(128, 256, first=True) and factors._by_inverse(256, 512, True)
+    assert factors._by_inverse(128, 50257, first=False)  # a GPT-2 embedding
+    assert not factors._by_inverse(192, 768, first=False)  # a ViT MLP weight's last axis
+    assert not factors._by_inverse(64, 4096, True)  # cheap anyway
+    assert not factors._by_inverse(384, 4096, True)  # the inverse (a cubic solve) costs more
+    assert not factors._by_inverse(192, 383, True)  # fewer than 2d right-hand sides
 
 
 def test_half_precision_factors_keep_the_float32_solve(monkeypatch):
-    """bf16 factors are solved in float32 (``solve_triangular_lowp``), never inverted in bf16."""
+    """bf16 factors are solved in float32 (``solve_triangular_lowp``), never inverted in bf16:
+    the result is the float32 solve of the same numbers, rounded once to bf16."""
     Q = [q.to(torch.bfloat16) for q in random_factors((160, 400), (False, True), torch.float32)]
     X = torch.randn(1, 160, 400).to(torch.bfloat16)
+    want = factors.solve_qh([q.float() for q in Q], X.float()).to(torch.bfloat16)
     monkeypatch.setattr(factors, "_eye", lambda q: pytest.fail("inverted a bf16 factor"))
-    assert factors.solve_qh(Q, X).dtype == torch.bfloat16
+    got = factors.solve_qh(Q, X)
+    assert got.dtype == torch.bfloat16
+    # the float32 reference itself goes through the inverse: the two differ by its round-off,
+    # which can flip a rounding to bf16: at most one bf16 step (2⁻⁷ relative) anywhere
+    gap = (got.float() - want.float()).abs() / want.float().abs().clamp(min=1e-3)
+    assert float(gap.max()) <= 2**-7
+
+
+def test_kron_trains_the_same_with_the_inverse_or_the_solve(monkeypatch):
+    """End to end: 30 steps of ``Kron`` (EQ, kron-torch's defaults) on a 256 x 600 weight, whose
+    256 factor takes the inverse, against the same run with every factor solved: in float64
+    (its factors too) the parameters agree to 1e-10 relative."""
+
+    def run():
+        gen = torch.Generator().manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(256, 600, generator=gen, dtype=torch.float64))
+        target = torch.randn(256, 600, generator=gen, dtype=torch.float64)
+        opt = KronOpt(
+            [w], lr=3e-3, preconditioner_update_probability=1.0, seed=1, precond_dtype=torch.float64
+        )
+        for _ in range(30):
+            opt.zero_grad()
+            ((w - target) ** 2).sum().backward()
+            opt.step()
+        return w.detach().clone()
+
+    fast = run()
+    monkeypatch.setattr(factors, "_by_inverse", lambda d, rhs, first: False)
+    slow = run()
+    assert not torch.equal(fast, slow)  # the paths did differ
+    assert float((fast - slow).abs().max() / slow.abs().max()) < 1e-10
