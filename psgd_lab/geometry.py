@@ -166,6 +166,24 @@ def step_size(T1, T2, L_i, q, lr, lipschitz, beta_L, norm_bound, start) -> Tenso
     return _s(_step(ell, L_i, lr, lipschitz, beta_L), q)
 
 
+def step_and_difference(T1, T2, L_i, q, lr, lipschitz, beta_L, norm_bound, start):
+    """``(step_size(...), difference(T1, T2), spare)``: both spend ``T1`` and ``T2``. For a stack
+    of large dense terms (``d > 256``), ``T1 + T2`` and ``T1 − T2`` are made one matrix at a time
+    into ``T2``'s and ``T1``'s own storage (the same values): no fresh ``B x d x d`` sum, whose
+    pages the CPU would fault in on every update; ``spare`` is then ``T2``'s storage, free once
+    the bound has read it (else None)."""
+    if not (isinstance(T2, Tensor) and T1.dim() == 3 and T1.shape[-1] > 256):
+        s = step_size(T1, T2, L_i, q, lr, lipschitz, beta_L, norm_bound, start)
+        return s, difference(T1, T2), None
+    for a, b in zip(T1, T2):  # one d x d temporary, reused: (a, b) <- (a − b, a + b)
+        total = a + b
+        a.sub_(b)
+        b.copy_(total)
+    ell = _bound(T2, norm_bound, start, spent=True)
+    s = _s(_step(ell, L_i, lr, lipschitz, beta_L), q)
+    return s, T1.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0), T2
+
+
 def terms(Q, v, h, fits_p: bool):
     """``T1 = gram_i(Ph, Ph)`` and ``T2 = gram_i(v, v)`` (or ``numel/d_i``) for every factor."""
     Ph = apply_p(Q, h, fits_p)
@@ -197,10 +215,10 @@ def update_eq(Q, L, v, h, *, lr, lipschitz, beta_L, norm_bound, starts) -> None:
             q.addcmul_(triu_outer_mm(Lf, Rf, q).nan_to_num_(0.0, 0.0, 0.0), s, value=-1)
             continue
         T1, T2 = gram_self(i, A, dense), gram_self(i, Bv, dense)
-        s = step_size(T1, T2, L[i], q, lr, lipschitz, beta_L, norm_bound, starts[i])
-        E = difference(T1, T2)
+        s, E, spare = step_and_difference(T1, T2, L[i], q, lr, lipschitz, beta_L, norm_bound,
+                                          starts[i])  # fmt: skip
         if dense:  # triu(E) and Q_i are upper-triangular: skip the zero blocks
-            q.addcmul_(triu_matmul(E.triu_(), q), s, value=-1)
+            q.addcmul_(triu_matmul(E.triu_(), q, out=spare), s, value=-1)
         else:
             q.addcmul_(E.mul_(q), s, value=-1)
 

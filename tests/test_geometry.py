@@ -210,3 +210,28 @@ def test_whitening_fit_reaches_the_references_error(structure):
         theirs.append(whitening_error(_Applied(ref.Q, ref_shape, shape), H, shape, gen))
     assert all(abs(a - b) <= 1e-6 * b for a, b in zip(ours, theirs)), (ours, theirs)
     assert sorted(ours)[3] < 0.15 and sorted(theirs)[3] < 0.15, (ours, theirs)
+
+
+@pytest.mark.parametrize("d", [64, 300])
+@pytest.mark.parametrize("lipschitz", ["kron", "ema"])
+def test_step_and_difference_is_step_size_then_difference(d, lipschitz):
+    """The fused form (large dense terms: sum and difference made one matrix at a time in the
+    terms' own storage) gives bit for bit what ``step_size`` then ``difference`` give, overflowed
+    entries included, and hands back ``T2``'s storage only where it spent it."""
+    from psgd_lab import geometry as geo
+
+    g = torch.Generator().manual_seed(d)
+    X, Y = torch.randn(3, d, 40, generator=g), torch.randn(3, d, 40, generator=g)
+    T1, T2 = X @ X.mT, Y @ Y.mT
+    T1[1, 0, 1] = float("inf")  # one tensor of the stack overflowed: its E entry becomes 0
+    q = torch.eye(d).expand(3, d, d)
+    L0 = torch.rand(3, generator=g) + 0.5
+    kw = dict(lr=0.1, lipschitz=lipschitz, beta_L=0.9, norm_bound="power", start=None)
+    L_ref, L_new = L0.clone(), L0.clone()
+    s_ref = geo.step_size(T1.clone(), T2.clone(), L_ref, q, **kw)
+    E_ref = geo.difference(T1.clone(), T2.clone())
+    t1, t2 = T1.clone(), T2.clone()
+    s, E, spare = geo.step_and_difference(t1, t2, L_new, q, **kw)
+    assert torch.equal(s, s_ref) and torch.equal(E, E_ref) and torch.equal(L_new, L_ref)
+    assert E[1, 0, 1] == 0
+    assert (spare is t2) == (d > 256) and E.data_ptr() == t1.data_ptr()
