@@ -366,6 +366,7 @@ def fit(
     norm_bound: str | None = None,
     damping: float | str = "kron",
     numel: Tensor | None = None,
+    h_owned: bool = False,
 ) -> None:
     """One preconditioner update from a stacked pair, the path ``Kron`` and
     ``KronPreconditioner`` share: whitening (``v is None``: ``h`` is a gradient; ``draws.v`` is
@@ -375,12 +376,14 @@ def fit(
     ``numel``: ``(B,)`` lengths of a stack of vectors zero-padded to a common length (``h``, ``v``
     and the draws 0 past each length; each diagonal factor's padding a copy of its own entries,
     see ``psgd_lab.optim.padding``); the damping's mean is taken over each real length. The rules
-    need nothing else: for a vector ``numel/d`` is 1, padded or not."""
+    need nothing else: for a vector ``numel/d`` is 1, padded or not. ``h_owned``: ``h`` is the
+    caller's temporary (e.g. a debiased momentum made for this fit), which the damping may
+    overwrite."""
     if numel is not None and h.dim() != 2:
         raise ValueError(f"numel is for stacks of vectors (B, D); got a stack of shape {h.shape}")
     record = geometry if isinstance(geometry, Geometry) else get(geometry)
     probe = v if v is not None else draws.v
     v_rule = v if v is not None else (probe if record.needs_v else None)
-    h = damped(h, damping, probe, draws.noise, numel)
+    h = damped(h, damping, probe, draws.noise, numel, h_owned)
     update(record, Q, L, v_rule, h, lr=lr, lipschitz=lipschitz, beta_L=beta_L,
            norm_bound=norm_bound, starts=draws.starts)  # fmt: skip

@@ -44,11 +44,14 @@ def damp(h: Tensor, damping: float, noise: Tensor) -> Tensor:
     return h + (damping + eps * h.abs()) * noise
 
 
-def kron_torch_damp(h: Tensor, v: Tensor, numel: Tensor | None = None) -> Tensor:
+def kron_torch_damp(h: Tensor, v: Tensor, numel: Tensor | None = None,
+                    inplace: bool = False) -> Tensor:  # fmt: skip
     """kron-torch's damping, per tensor of the stack: ``h + max(sqrt(eps_f32)·mean|h|, 1e-20)·v``
-    with the pair's own probe ``v`` (``numel``: see ``factors.batch_mean``)."""
+    with the pair's own probe ``v`` (``numel``: see ``factors.batch_mean``). ``inplace``: ``h`` is
+    the caller's temporary, damped in its own storage (the same values, no fresh copy)."""
     mean = batch_mean(h.abs(), numel)
-    return torch.addcmul(h, v, _per_tensor((SQRT_EPS_F32 * mean).clamp(min=KRON_DAMP_FLOOR), h))
+    scale = _per_tensor((SQRT_EPS_F32 * mean).clamp(min=KRON_DAMP_FLOOR), h)
+    return h.addcmul_(v, scale) if inplace else torch.addcmul(h, v, scale)
 
 
 @dataclass
@@ -100,11 +103,12 @@ def draw(
 
 
 def damped(h: Tensor, damping: float | str, probe: Tensor | None, noise: Tensor | None,
-           numel: Tensor | None = None) -> Tensor:  # fmt: skip
+           numel: Tensor | None = None, h_owned: bool = False) -> Tensor:  # fmt: skip
     """``h`` with its damping: ``"kron"`` (kron-torch's, relative, with the pair's probe), a
-    float ``λ > 0`` (independent noise), or 0 (none). ``numel``: see ``factors.batch_mean``."""
+    float ``λ > 0`` (independent noise), or 0 (none). ``numel``: see ``factors.batch_mean``.
+    ``h_owned``: ``h`` is a temporary of the caller's that kron-torch's damping may overwrite."""
     if damping == "kron":
-        return kron_torch_damp(h, probe, numel)
+        return kron_torch_damp(h, probe, numel, inplace=h_owned)
     if damping > 0:
         return damp(h, damping, noise)
     return h

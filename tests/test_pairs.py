@@ -105,3 +105,15 @@ def test_finite_difference_in_bfloat16_is_relative_and_exact_about_its_step():
     assert hv.dtype == torch.float32 and taken.dtype == torch.float32
     rel = ((hv - H @ taken).norm() / (H @ taken).norm()).item()
     assert rel < 0.1, rel
+
+
+def test_kron_damping_in_place_gives_the_same_pair_and_leaves_a_callers_h_alone():
+    """``inplace=True`` (an ``h`` the caller made for this fit) damps in ``h``'s storage, bit for
+    bit what the out-of-place form gives; without it ``h`` (a gradient, say) is left unchanged."""
+    gen = torch.Generator().manual_seed(3)
+    h, v = torch.randn(2, 300, 40, generator=gen), torch.randn(2, 300, 40, generator=gen)
+    before = h.clone()
+    ref = kron_torch_damp(h, v)
+    assert torch.equal(h, before)
+    got = kron_torch_damp(h, v, inplace=True)
+    assert got.data_ptr() == h.data_ptr() and torch.equal(got, ref)

@@ -106,9 +106,11 @@ def _pair(hy: Hyper, m_hat: Tensor, g: Tensor, hv) -> tuple[Tensor, Tensor | Non
     return (m_hat if hy.momentum_into_precond_update else g), None, g
 
 
-def _fit(hy: Hyper, Q: list, state_L, h, v, draws: Draws, balance: bool, init, numel=None) -> list:
+def _fit(hy: Hyper, Q: list, state_L, h, v, draws: Draws, balance: bool, init, numel=None,
+         h_owned: bool = False) -> list:  # fmt: skip
     """Balance (if due), the data-driven initial scale (if pending), one fit; Lipschitz state.
-    ``numel``: per tensor, its length in a zero-padded stack (``padding``); None: the shape's."""
+    ``numel``: per tensor, its length in a zero-padded stack (``padding``); None: the shape's.
+    ``h_owned``: ``h`` is this step's own temporary (see ``geo.fit``)."""
     if balance and len(Q) > 1:
         factors.balance(Q)
     if init is not None:  # precond_init_scale=None: scale Q to the first informative pair
@@ -120,7 +122,7 @@ def _fit(hy: Hyper, Q: list, state_L, h, v, draws: Draws, balance: bool, init, n
     L = state_L if state_L is not None else [h.new_zeros(h.shape[0], dtype=real) for _ in Q]
     geo.fit(hy.geometry, Q, L, h, v, draws, lr=hy.precond_lr, lipschitz=hy.lipschitz,
             beta_L=hy.beta_L, norm_bound=hy.norm_bound, damping=hy.damping,
-            numel=numel)  # fmt: skip
+            numel=numel, h_owned=h_owned)  # fmt: skip
     return L
 
 
@@ -262,7 +264,8 @@ def stacked_step(G, M, steps, Q, L, init, hv, draws, *, hy: Hyper, pd: torch.dty
         else:  # unknown (an accelerator, compiled) or mixed: fit copies, then mask
             work = [q.clone() for q in Q]
             L_work = None if L is None else [x.clone() for x in L]
-        fitted_L = _fit(hy, work, L_work, h, v, draws, balance, init, numel)
+        owned = hv is None and hy.momentum_into_precond_update  # h is m̂, made just above
+        fitted_L = _fit(hy, work, L_work, h, v, draws, balance, init, numel, owned)
         L_work = None if L is None else fitted_L  # lipschitz="kron" keeps no L
         for w in work:  # a fit that overflowed (a 1e20 gradient once P has grown) keeps Q
             fit_ok = fit_ok & _finite(_top(w))
