@@ -23,12 +23,14 @@ def _real(dtype: torch.dtype) -> torch.dtype:
     return torch.empty((), dtype=dtype).real.dtype
 
 
-def mm(A: Tensor, B: Tensor) -> Tensor:
+def mm(A: Tensor, B: Tensor, out: Tensor | None = None) -> Tensor:
     """``A @ B``; for two stacks of one batch dim, ``torch.bmm`` itself (the same kernel without
-    ``matmul``'s expand and reshape dispatches, half of a small product's cost)."""
+    ``matmul``'s expand and reshape dispatches, half of a small product's cost). ``out``: written
+    there, e.g. a block of a larger matrix (BLAS writes a row-major block in place: the same
+    values as the product, without a temporary and its copy)."""
     if A.dim() == 3 == B.dim() and A.shape[0] == B.shape[0]:
-        return torch.bmm(A, B)
-    return A @ B
+        return torch.bmm(A, B) if out is None else torch.bmm(A, B, out=out)
+    return A @ B if out is None else torch.matmul(A, B, out=out)
 
 
 def sq_norm(x: Tensor, dim, keepdim: bool = False) -> Tensor:
@@ -196,15 +198,14 @@ def triu_matmul(A: Tensor, B: Tensor, out: Tensor | None = None) -> Tensor:
     written into ``out`` (one allocation for the whole recursion)."""
     d = A.shape[-1]
     if d <= _LEAF:
-        return mm(A, B) if out is None else out.copy_(mm(A, B))
+        return mm(A, B, out=out)
     if out is None:
         out = torch.empty_like(B)
     k = d // 2
     out[..., k:, :k] = 0
     triu_matmul(A[..., :k, :k], B[..., :k, :k], out[..., :k, :k])
     triu_matmul(A[..., k:, k:], B[..., k:, k:], out[..., k:, k:])
-    top = out[..., :k, k:]
-    top.copy_(A[..., :k, :k] @ B[..., :k, k:])
+    top = mm(A[..., :k, :k], B[..., :k, k:], out=out[..., :k, k:])
     top.add_(A[..., :k, k:] @ B[..., k:, k:])
     return out
 
@@ -235,14 +236,19 @@ def triu_h_mm(U: Tensor, X: Tensor) -> Tensor:
 def self_gram(X: Tensor) -> Tensor:
     """``X Xᴴ`` for ``(..., d, m)`` ``X`` (Hermitian): the off-diagonal block once, mirrored, and
     recursively the diagonal blocks (5/8 of a dense product at d = 1024)."""
+    return _self_gram(X, None)
+
+
+def _self_gram(X: Tensor, out: Tensor | None) -> Tensor:
+    """``self_gram`` into ``out`` (a block of the caller's result) or a new matrix."""
     d = X.shape[-2]
     if d <= _LEAF:
-        return X @ X.mH
+        return X @ X.mH if out is None else mm(X, X.mH, out=out)
     k = d // 2
-    out = X.new_empty(*X.shape[:-2], d, d)
-    out[..., :k, :k] = self_gram(X[..., :k, :])
-    out[..., k:, k:] = self_gram(X[..., k:, :])
-    out[..., :k, k:] = X[..., :k, :] @ X[..., k:, :].mH
+    out = X.new_empty(*X.shape[:-2], d, d) if out is None else out
+    _self_gram(X[..., :k, :], out[..., :k, :k])
+    _self_gram(X[..., k:, :], out[..., k:, k:])
+    mm(X[..., :k, :], X[..., k:, :].mH, out=out[..., :k, k:])
     out[..., k:, :k] = out[..., :k, k:].mH
     return out
 

@@ -171,3 +171,26 @@ def test_norm_bound_overwrite_gives_the_same_bound_and_scales_in_place(method):
     got = norm_lower_bound(B, method, start, overwrite=True)
     assert torch.equal(got, want)
     assert not torch.equal(B, A)  # scaled in place
+
+
+def test_products_into_blocks_are_the_plain_products():
+    """``mm(out=)`` writes a product into a block of a larger matrix in place; ``self_gram`` and
+    ``triu_matmul`` built that way give the plain product's values bit for bit (float32 and
+    complex64, a stack and a single matrix, sizes that split once and twice)."""
+    from psgd_lab.linalg import mm, self_gram, triu_matmul
+
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(3, 600, 600), (1100, 1100)]:
+        for dtype in (torch.float32, torch.complex64):
+            A = torch.randn(shape, generator=gen).to(dtype).triu_()
+            B = torch.randn(shape, generator=gen).to(dtype).triu_()
+            out = torch.full(shape, float("nan")).to(dtype)
+            got = triu_matmul(A, B, out=out)
+            assert got.data_ptr() == out.data_ptr() and torch.equal(got, triu_matmul(A, B))
+            torch.testing.assert_close(got, A @ B, rtol=1e-4, atol=1e-3)  # zero blocks skipped
+            X = torch.randn(shape[:-1] + (200,), generator=gen).to(dtype)
+            assert torch.equal(self_gram(X), X @ X.mH)
+            big = torch.zeros(shape[:-2] + (700, 700), dtype=dtype)
+            mm(X[..., :300, :], X[..., 300:600, :].mH, out=big[..., 100:400, 200:500])
+            assert torch.equal(big[..., 100:400, 200:500], X[..., :300, :] @ X[..., 300:600, :].mH)
+            assert big[..., :100, :].abs().max() == 0
