@@ -27,7 +27,10 @@ def mm(A: Tensor, B: Tensor, out: Tensor | None = None) -> Tensor:
     """``A @ B``; for two stacks of one batch dim, ``torch.bmm`` itself (the same kernel without
     ``matmul``'s expand and reshape dispatches, half of a small product's cost). ``out``: written
     there, e.g. a block of a larger matrix (BLAS writes a row-major block in place: the same
-    values as the product, without a temporary and its copy)."""
+    values as the product, without a temporary and its copy). Under ``torch.compile`` the product
+    is copied into ``out`` instead: dynamo refuses a strided ``out=``."""
+    if out is not None and torch.compiler.is_compiling():
+        return out.copy_(mm(A, B))
     if A.dim() == 3 == B.dim() and A.shape[0] == B.shape[0]:
         return torch.bmm(A, B) if out is None else torch.bmm(A, B, out=out)
     return A @ B if out is None else torch.matmul(A, B, out=out)

@@ -194,13 +194,15 @@ def test_the_default_schedule_is_read_without_a_device_sync():
 
 
 @pytest.mark.slow
-def test_compiled_grouped_kernel_matches_eager():
+@pytest.mark.parametrize("shapes", [[(6, 5), (6, 5), (7,)], [(300, 270)]], ids=["small", "blocks"])
+def test_compiled_grouped_kernel_matches_eager(shapes):
     """``Kron(compile=True)`` compiles the grouped kernel with ``fullgraph=True`` (a graph break
-    inside the maths would raise) and gives the eager result to float32 round-off."""
+    inside the maths would raise) and gives the eager result to float32 round-off; ``blocks``:
+    factors past 256, whose products are written into blocks of their results."""
 
     def run(compile_):
         gen = torch.Generator().manual_seed(0)
-        ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(6, 5), (6, 5), (7,)]]
+        ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
         opt = Kron(ps, lr=1e-2, compile=compile_,
                    preconditioner_update_probability=lambda n: 1.0 if n < 3 else 0.5)  # fmt: skip
         for _ in range(6):
