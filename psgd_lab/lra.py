@@ -301,6 +301,7 @@ class LRAPreconditioner:
             )
         return x.reshape(self.n).to(self.dtype)
 
+    @torch.no_grad()  # the fit is not differentiated: a pair out of a graph is fitted as data
     def update(self, h: Tensor, v: Tensor | None = None, lr: float = 0.1) -> None:
         """One fitting step on ``(v, h)``; ``v=None`` is whitening (``h`` a gradient)."""
         from .preconditioner import check_positive

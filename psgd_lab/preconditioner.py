@@ -152,6 +152,7 @@ class KronPreconditioner:
             )
         return x.reshape(self.factor_shape).to(self.dtype)
 
+    @torch.no_grad()  # the fit is not differentiated: a pair out of a graph is fitted as data
     def update(self, h: Tensor, v: Tensor | None = None, lr: float = 0.1) -> None:
         """One fitting step on the pair ``(v, h)``.
 

@@ -249,3 +249,14 @@ def test_memory_is_o_n_r():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     extra = int(out.stdout.split()[-1])
     assert extra < 12 * 4 * 10**6 * 10, extra  # < 12 copies of an n x r float32 block (480 MB)
+
+
+def test_update_on_a_pair_that_requires_grad_fits_without_recording():
+    """As ``KronPreconditioner``: a pair out of a graph is fitted as its detached values."""
+    w = torch.randn(40, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    a, b = LRAPreconditioner((40,), rank=4, seed=0), LRAPreconditioner((40,), rank=4, seed=0)
+    for _ in range(3):
+        a.update(w * 2.0)
+        b.update((w * 2.0).detach())
+    assert not any(t.requires_grad for t in (a.U, a.V, a.d))
+    assert all(torch.equal(x, y) for x, y in zip((a.U, a.V, a.d), (b.U, b.V, b.d)))

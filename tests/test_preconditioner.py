@@ -138,3 +138,18 @@ def test_other_bad_arguments():
         KronPreconditioner((3,), damping=-1.0)
     with pytest.raises(ValueError, match="diag must have one flag per dim"):
         KronPreconditioner((3, 4), diag=(True,))
+
+
+def test_update_on_a_pair_that_requires_grad_fits_without_recording():
+    """``h`` (and ``v``) may come out of a graph, e.g. ``w * 2`` of a leaf: the fit is not
+    differentiated, so it runs as on the detached pair (same factors bit for bit), the factors
+    stay plain tensors, and large dense factors (block products, d > 256) work too."""
+    w = torch.randn(300, 280, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    for v in (None, torch.randn(300, 280, generator=torch.Generator().manual_seed(1))):
+        a = KronPreconditioner((300, 280), seed=0)
+        b = KronPreconditioner((300, 280), seed=0)
+        for _ in range(2):
+            a.update(w * 2.0, None if v is None else v * w.detach())
+            b.update((w * 2.0).detach(), None if v is None else v * w.detach())
+        assert not any(q.requires_grad for q in a.Q) and not any(x.requires_grad for x in a.L)
+        assert all(torch.equal(x, y) for x, y in zip(a.Q, b.Q))
