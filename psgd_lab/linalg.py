@@ -23,13 +23,22 @@ def _real(dtype: torch.dtype) -> torch.dtype:
     return torch.empty((), dtype=dtype).real.dtype
 
 
+_OUT_DTYPES = (torch.float32, torch.complex64, torch.bfloat16)  # mm(out=) in place
+
+
 def mm(A: Tensor, B: Tensor, out: Tensor | None = None) -> Tensor:
     """``A @ B``; for two stacks of one batch dim, ``torch.bmm`` itself (the same kernel without
     ``matmul``'s expand and reshape dispatches, half of a small product's cost). ``out``: written
-    there, e.g. a block of a larger matrix (BLAS writes a row-major block in place: the same
-    values as the product, without a temporary and its copy). Under ``torch.compile`` the product
-    is copied into ``out`` instead: dynamo refuses a strided ``out=``."""
-    if out is not None and torch.compiler.is_compiling():
+    there, e.g. a block of a larger matrix. In float32, complex64 and bfloat16 BLAS writes a
+    row-major block in place (on this machine the same values as the product, without a
+    temporary and its copy); in other dtypes (float64's 2-D product takes another MKL path, with
+    other roundings), under ``torch.compile`` (dynamo refuses a strided ``out=``) and when
+    autograd records the product (``out=`` refuses it), the product is copied into ``out``."""
+    if out is not None and (
+        out.dtype not in _OUT_DTYPES
+        or torch.compiler.is_compiling()
+        or (torch.is_grad_enabled() and (A.requires_grad or B.requires_grad))
+    ):
         return out.copy_(mm(A, B))
     if A.dim() == 3 == B.dim() and A.shape[0] == B.shape[0]:
         return torch.bmm(A, B) if out is None else torch.bmm(A, B, out=out)
