@@ -20,7 +20,7 @@ from .linalg import mm, narrow_mm, self_gram, solve_triangular_lowp, triu_gram, 
 from .structure import KronPlan
 
 MAX_MATRIX_SIZE = 4096
-ROWS_AT_ONCE = 2**18  # gram_diag: entries of a large stack multiplied at a time (1 MB in float32)
+ROWS_AT_ONCE = 2**18  # gram_diag: entries (not rows) of a large stack multiplied at a time
 
 
 def is_dense(q: Tensor) -> bool:
@@ -177,14 +177,16 @@ def gram(i: int, X: Tensor, Y: Tensor) -> Tensor:
 
 def gram_diag(i: int, X: Tensor, Y: Tensor) -> Tensor:
     """The diagonal of ``gram_i(X, Y)``: ``(B, d)``; for a scalar stack ``(B,)``, ``X conj(Y)``.
-    Along a large contiguous stack's first axis (an embedding's rows), ``ROWS_AT_ONCE`` entries
-    at a time: each row's sum is the same bit for bit, and the product's temporary stays small
-    instead of the size of the stack (a fresh block the CPU faults in on every update). (A
-    column-major stack keeps the one product: its sums run in another order.)"""
+    Along a large contiguous stack's first axis (an embedding's rows), rows of ``ROWS_AT_ONCE``
+    entries in all at a time: each row's sum is the same bit for bit, and the product's
+    temporary stays small instead of the size of the stack (a fresh block the CPU faults in on
+    every update). A column-major stack, or rows of 2^15 entries or more, keep the one product:
+    their sums run in another order (torch splits a long single row's sum)."""
     if X.dim() == 1:
         return X * Y.conj()
     B, a, d, b = _axes(X, i)
-    if a == 1 and X.numel() > ROWS_AT_ONCE and X.is_contiguous() and Y.is_contiguous():
+    rows = a == 1 and b < 2**15 and X.numel() > ROWS_AT_ONCE
+    if rows and X.is_contiguous() and Y.is_contiguous():
         X, Y = X.reshape(B, d, b), Y.reshape(B, d, b)
         n = max(1, ROWS_AT_ONCE // (B * b))
         parts = [(X[:, j : j + n] * Y[:, j : j + n].conj()).sum(dim=-1) for j in range(0, d, n)]

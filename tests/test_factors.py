@@ -233,14 +233,17 @@ def test_kron_trains_the_same_with_the_inverse_or_the_solve(monkeypatch):
     assert float((fast - slow).abs().max() / slow.abs().max()) < 1e-10
 
 
+@pytest.mark.parametrize("shape", [(2, 3001, 97), (1, 9, 32000), (1, 7, 40000), (1, 3, 300000)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.complex64, torch.bfloat16])
-def test_gram_diag_of_a_large_stack_row_by_row_is_bit_identical(dtype):
+def test_gram_diag_of_a_large_stack_row_by_row_is_bit_identical(shape, dtype):
     """A contiguous stack past ``ROWS_AT_ONCE`` entries has its first-axis diagonal gram summed
-    in row blocks: the same sums bit for bit (the last block partial); a column-major stack keeps
-    the single product (its sums run in another order) and gives that product's values."""
+    in row blocks: the same sums bit for bit (the last block partial, or one row: (1, 9, 32000));
+    rows of 2^15 entries and more keep the single product (torch sums one long row in another
+    order: (1, 7, 40000)'s last block, (1, 3, 300000)'s rows); a column-major stack keeps the
+    single product too (its sums run in another order) and gives that product's values."""
     gen = torch.Generator().manual_seed(0)
-    X = torch.randn(2, 3001, 97, generator=gen).to(dtype)
-    Y = torch.randn(2, 3001, 97, generator=gen).to(dtype)
+    X = torch.randn(shape, generator=gen).to(dtype)
+    Y = torch.randn(shape, generator=gen).to(dtype)
     assert X.numel() > factors.ROWS_AT_ONCE
     ref = (X * Y.conj()).sum(dim=-1)
     assert torch.equal(factors.gram_diag(0, X, Y), ref)
