@@ -167,16 +167,18 @@ def step_size(T1, T2, L_i, q, lr, lipschitz, beta_L, norm_bound, start) -> Tenso
 
 
 def step_and_difference(T1, T2, L_i, q, lr, lipschitz, beta_L, norm_bound, start):
-    """``(step_size(...), difference(T1, T2), spare)``: both spend ``T1`` and ``T2``. For a stack
-    of large dense terms (``d > 256``), ``T1 + T2`` and ``T1 − T2`` are made one matrix at a time
-    into ``T2``'s and ``T1``'s own storage (the same values): no fresh ``B x d x d`` sum, whose
-    pages the CPU would fault in on every update; ``spare`` is then ``T2``'s storage, free once
-    the bound has read it (else None)."""
+    """``(step_size(...), difference(T1, T2), spare)``; ``T1``'s storage becomes the difference.
+    For a stack of large dense terms (``d > 256``), ``T1 + T2`` and ``T1 − T2`` are made one
+    matrix at a time through one ``d x d`` temporary into ``T2``'s and ``T1``'s own storage (the
+    same values): no fresh ``B x d x d`` sum, whose pages the CPU would fault in on every update;
+    ``T2`` is spent too and returned as ``spare``, free once the bound has read it. Otherwise
+    ``T2`` is left as it was and ``spare`` is None."""
     if not (isinstance(T2, Tensor) and T1.dim() == 3 and T1.shape[-1] > 256):
         s = step_size(T1, T2, L_i, q, lr, lipschitz, beta_L, norm_bound, start)
         return s, difference(T1, T2), None
-    for a, b in zip(T1, T2):  # one d x d temporary, reused: (a, b) <- (a − b, a + b)
-        total = a + b
+    total = torch.empty_like(T1[0])
+    for a, b in zip(T1, T2):  # (a, b) <- (a − b, a + b)
+        torch.add(a, b, out=total)
         a.sub_(b)
         b.copy_(total)
     ell = _bound(T2, norm_bound, start, spent=True)
