@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -187,6 +189,33 @@ def test_solve_by_inverse_only_where_it_pays():
     assert not factors._by_inverse(64, 4096, True)  # cheap anyway
     assert not factors._by_inverse(384, 4096, True)  # the inverse (a cubic solve) costs more
     assert not factors._by_inverse(192, 383, True)  # fewer than 2d right-hand sides
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.complex64])
+@pytest.mark.parametrize("shape", [(300, 64), (600, 5, 40), (300, 63), (1000, 200)])
+def test_first_axis_solve_on_rows_agrees_with_the_column_solve(shape, dtype, monkeypatch):
+    """Along the first axis with at least ``_ROW_SOLVE`` right-hand sides, a real ``Q⁻ᴴ V`` is
+    solved as ``Yᵀ Q = Vᵀ`` on V's rows as they lie in memory (MKL's first-axis solve copies them
+    column-major first; measured 0.3-0.9x of its time on 1 and 2 threads). It agrees with the
+    column solve to round-off; fewer columns, and complex stacks, keep the column solve."""
+    gen = torch.Generator().manual_seed(0)
+    d = shape[0]
+    Q = [torch.eye(d) + torch.randn(2, d, d, generator=gen).triu() / (2 * d**0.5)]
+    Q += [torch.rand(2, n, generator=gen) + 0.5 for n in shape[1:]]  # well conditioned
+    Q = [q.to(dtype) for q in Q]
+    X = torch.randn((2, *shape), generator=torch.Generator().manual_seed(1)).to(dtype)
+    calls = []
+    real = torch.linalg.solve_triangular
+    monkeypatch.setattr(torch.linalg, "solve_triangular",
+                        lambda *a, **k: calls.append(k["left"]) or real(*a, **k))  # fmt: skip
+    got = factors.solve_qh(Q, X)
+    rows = shape[0] > 256 and math.prod(shape[1:]) >= factors._ROW_SOLVE and not dtype.is_complex
+    assert calls == [not rows]
+    monkeypatch.setattr(factors, "_ROW_SOLVE", 10**9)
+    want = factors.solve_qh(Q, X)
+    assert got.dtype == dtype and got.shape == X.shape
+    tol = {torch.float64: 1e-12, torch.bfloat16: 2**-7}.get(dtype, 5e-6)
+    assert float((got - want).abs().max() / want.abs().max()) <= tol
 
 
 @pytest.mark.parametrize("seed", range(5))
