@@ -142,15 +142,38 @@ def apply_p(Q: Sequence[Tensor], X: Tensor, fits_p: bool = False) -> Tensor:
 
 
 def apply_q_triangular(Q: Sequence[Tensor], X: Tensor) -> Tensor:
-    """``Q X`` for upper-triangular dense factors (``EQ``), skipping their zero blocks."""
-    for i, q in enumerate(Q):
-        if not is_dense(q) or q.shape[-1] <= 256:
+    """``Q X`` for upper-triangular dense factors (``EQ``), skipping their zero blocks. Dense
+    factors go first (``dense_first``)."""
+    fresh = False
+    for i in dense_first(Q):
+        q = Q[i]
+        if not is_dense(q):
+            X = scale_axis(X, q, i, fresh)
+        elif q.shape[-1] <= 256:
             X = apply_one(q, i, X)
         else:
             Xi = X.movedim(i + 1, 1)
             X = triu_mm(q, Xi.reshape(X.shape[0], q.shape[-1], -1)).reshape(Xi.shape)
             X = X.movedim(1, i + 1)
+        fresh = True
     return X
+
+
+def dense_first(Q: Sequence[Tensor]) -> list[int]:
+    """The factors' indices, dense ones first. Factors on different axes commute, and a dense
+    one's product is a fresh tensor that the diagonal ones then scale in place
+    (``scale_axis``): for a large embedding (a diagonal factor on its rows), no second fresh
+    block of its size, which the CPU would fault in page by page on every step."""
+    return sorted(range(len(Q)), key=lambda i: not is_dense(Q[i]))
+
+
+def scale_axis(X: Tensor, q: Tensor, i: int, fresh: bool, divide: bool = False) -> Tensor:
+    """``X`` times (``divide``: over) the diagonal or scalar factor ``q`` along axis ``i``; in
+    place when ``X`` is a ``fresh`` temporary of the result's dtype."""
+    s = _bcast(q, i, X)
+    if fresh and X.dtype == torch.promote_types(X.dtype, s.dtype):
+        return X.div_(s) if divide else X.mul_(s)
+    return X / s if divide else X * s
 
 
 def unfold(X: Tensor, i: int) -> Tensor:
@@ -214,15 +237,19 @@ _ROW_SOLVE = 64  # solve_qh: from this many right-hand sides, a first-axis solve
 
 def solve_qh(Q: Sequence[Tensor], V: Tensor) -> Tensor:
     """``Q⁻ᴴ V`` for upper-triangular dense factors and diagonal ones, by triangular solves, or
-    for a mid-size factor with many right-hand sides (``_by_inverse``) by its inverse. Along the
+    for a mid-size factor with many right-hand sides (``_by_inverse``) by its inverse; dense
+    factors first (``dense_first``). Along the
     first axis a real ``V`` with ``_ROW_SOLVE`` columns or more is solved as ``Yᵀ Q = Vᵀ``: the
     solve of ``Qᴴ Y = V`` copies ``V`` to column-major first, the row solve reads it as it lies
     (measured here, float32, stacks of 1-12, d = 128-4096, 64-768 columns: 0.3-0.9x of its time
     on one thread and 0.5-0.9x on two; below 64 columns it can lose up to 4x on two threads)."""
-    for i, q in enumerate(Q):
+    fresh = False
+    for i in dense_first(Q):
+        q = Q[i]
         if not is_dense(q):
-            V = V / _bcast(q.conj(), i, V)
+            V, fresh = scale_axis(V, q.conj(), i, fresh, divide=True), True
             continue
+        fresh = True
         B, a, d, b = _axes(V, i)
         full = q.dtype == V.dtype == torch.promote_types(q.dtype, torch.float32)  # not half
         if full and _by_inverse(d, a * b, first=a == 1):

@@ -278,3 +278,29 @@ def test_gram_diag_of_a_large_stack_row_by_row_is_bit_identical(shape, dtype):
     assert torch.equal(factors.gram_diag(0, X, Y), ref)
     Xc = X.mT.contiguous().mT  # same values, column-major
     assert torch.equal(factors.gram_diag(0, Xc, Y), (Xc * Y.conj()).sum(dim=-1))
+
+
+@pytest.mark.parametrize("diag", [(True, False), (True, True), (False, True, True)])
+def test_diagonal_factors_scale_fresh_products_in_place_and_never_the_input(diag):
+    """``apply_q_triangular`` and ``solve_qh`` take the dense factors first and scale their
+    fresh products by the diagonal ones in place: the input is left as it was, the values are
+    the plain out-of-place ones (``apply_q``, and ``Qᴴ`` maps the solve back), and an all-diagonal
+    stack gives the out-of-place products in the original order bit for bit."""
+    shape = (300, 40, 3)[: len(diag)]
+    gen = torch.Generator().manual_seed(2)
+    Q = [torch.rand(2, d, generator=gen) + 0.5 if dg
+         else torch.eye(d) + torch.randn(2, d, d, generator=gen).triu() / (2 * d**0.5)
+         for d, dg in zip(shape, diag)]  # fmt: skip
+    X = torch.randn(2, *shape, generator=gen)
+    X0 = X.clone()
+    got = factors.apply_q_triangular(Q, X)
+    assert torch.equal(X, X0)
+    torch.testing.assert_close(got, factors.apply_q(Q, X))
+    sol = factors.solve_qh(Q, X)
+    assert torch.equal(X, X0)
+    torch.testing.assert_close(factors.apply_qh(Q, sol), X, rtol=1e-4, atol=1e-4)
+    if all(diag):
+        want, inv = X, X
+        for i, q in enumerate(Q):
+            want, inv = want * factors._bcast(q, i, X), inv / factors._bcast(q, i, X)
+        assert torch.equal(got, want) and torch.equal(sol, inv)

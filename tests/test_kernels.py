@@ -242,3 +242,26 @@ def test_compiled_kernel_survives_many_structures(per_structure):
         with pytest.raises(Exception) as err:
             steps()
         assert type(err.value).__name__ == "FailOnRecompileLimitHit"
+
+
+@pytest.mark.parametrize("prob", [1.0, 1e-6])  # 1e-6: apply-only after the first step
+def test_applying_p_leaves_the_momentum_as_it_is(prob):
+    """``P m̂`` scales fresh products in place (``factors.scale_axis``), never the momentum
+    buffer itself: after steps on fixed gradients each buffer is the plain EMA of them, for an
+    embedding-like weight (diagonal rows, dense columns), an all-diagonal one and a vector,
+    stacked in pairs, updating ``P`` or only applying it."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen))
+              for s in [(9000, 16), (9000, 16), (30, 20), (30, 20), (50,)]]  # fmt: skip
+    grads = [torch.randn(p.shape, generator=gen) for p in params]
+    opt = Kron(params, preconditioner_update_probability=prob, max_size_triangular=8192,
+               lr=0.01)  # fmt: skip
+    opt.param_groups[0]["memory_save_mode"] = None
+    want = [torch.zeros_like(p) for p in params]
+    for _ in range(3):
+        for p, g, w in zip(params, grads, want):
+            p.grad = g.clone()
+            w.lerp_(g, 1 - opt.param_groups[0]["b1"])
+        opt.step()
+    for p, w in zip(params, want):
+        assert torch.equal(opt.state[p]["momentum_buffer"], w)

@@ -68,20 +68,27 @@ def cached_dims(plan: KronPlan, prob: float | None) -> tuple[bool, ...]:
 def precondition(
     Q: Sequence[Tensor], X: Tensor, hy: Hyper, keep: tuple[bool, ...], cached: list | None
 ) -> tuple[Tensor, list | None]:
-    """``P X`` for stacks, axis by axis: a cached ``P_i`` where ``keep[i]`` (computed now if
-    ``cached`` lacks it), else ``Q_iᴴ (Q_i X)``. Returns ``(P X, the P_i to keep)``; factors of
-    ``P`` (``PRO4P``, ``QUAD4P``) are applied as they are."""
+    """``P X`` for stacks, axis by axis, dense factors first (``factors.dense_first``): a
+    cached ``P_i`` where ``keep[i]`` (computed now if ``cached`` lacks it), else
+    ``Q_iᴴ (Q_i X)``. Returns ``(P X, the P_i to keep)``; factors of ``P`` (``PRO4P``,
+    ``QUAD4P``) are applied as they are."""
     if hy.geometry.fits_p:
         return factors.apply_q(Q, X), None
     P = list(cached) if cached is not None else [None] * len(Q)
-    for i, q in enumerate(Q):
+    fresh = False  # X is the caller's (the momentum itself) until a first product
+    for i in factors.dense_first([q if q is not None else p for q, p in zip(Q, P)]):
+        q = Q[i]  # None on apply-only steps that keep every P_i
         if keep[i]:
             if P[i] is None:
                 P[i] = factors.factor_p_compact(q, hy.geometry.triangular)
-            X = factors.apply_one(P[i], i, X)
+            if factors.is_dense(P[i]):
+                X = factors.apply_one(P[i], i, X)
+            else:  # a diagonal P_i scales a fresh product in place
+                X = factors.scale_axis(X, P[i], i, fresh)
         else:
             P[i] = None
             X = _apply_p_one(q, i, X, hy.geometry.triangular)
+        fresh = True
     return X, P
 
 
