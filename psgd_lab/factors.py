@@ -237,12 +237,12 @@ _ROW_SOLVE = 64  # solve_qh: from this many right-hand sides, a first-axis solve
 
 def solve_qh(Q: Sequence[Tensor], V: Tensor) -> Tensor:
     """``Q⁻ᴴ V`` for upper-triangular dense factors and diagonal ones, by triangular solves, or
-    for a mid-size factor with many right-hand sides (``_by_inverse``) by its inverse; dense
-    factors first (``dense_first``). Along the
-    first axis a real ``V`` with ``_ROW_SOLVE`` columns or more is solved as ``Yᵀ Q = Vᵀ``: the
-    solve of ``Qᴴ Y = V`` copies ``V`` to column-major first, the row solve reads it as it lies
-    (measured here, float32, stacks of 1-12, d = 128-4096, 64-768 columns: 0.3-0.9x of its time
-    on one thread and 0.5-0.9x on two; below 64 columns it can lose up to 4x on two threads)."""
+    for a mid-size factor with many right-hand sides along another axis than the first
+    (``_by_inverse``) by its inverse; dense factors first (``dense_first``). Along the first axis
+    a ``V`` with ``_ROW_SOLVE`` columns or more is solved as ``Yᴴ Q = Vᴴ``: the solve of
+    ``Qᴴ Y = V`` copies ``V`` to column-major first, the row solve reads it as it lies (measured
+    here, float32, stacks of 1-12, d = 128-4096, 64-768 columns: 0.3-0.9x of its time on one
+    thread and 0.5-0.9x on two; below 64 columns it can lose up to 4x on two threads)."""
     fresh = False
     for i in dense_first(Q):
         q = Q[i]
@@ -255,9 +255,9 @@ def solve_qh(Q: Sequence[Tensor], V: Tensor) -> Tensor:
         if full and _by_inverse(d, a * b, first=a == 1):
             R = torch.linalg.solve_triangular(q, _eye(q), upper=True)  # Q⁻¹
             V = apply_one(R.mH, i, V)  # Q⁻ᴴ along axis i
-        elif a == 1 and b >= _ROW_SOLVE and not V.is_complex():  # Yᵀ Q = Vᵀ, V's rows as is
-            Y = solve_triangular_lowp(q, V.reshape(B, d, b).mT, upper=True, left=False)
-            V = Y.mT.reshape(V.shape)
+        elif a == 1 and b >= _ROW_SOLVE:  # Yᴴ Q = Vᴴ: V's rows as they lie
+            Y = solve_triangular_lowp(q, V.reshape(B, d, b).mH, upper=True, left=False)
+            V = Y.mH.resolve_conj().reshape(V.shape)  # (a copy only for complex V)
         elif a == 1:  # along the first axis: solve Qᴴ Y = V (Qᴴ is lower-triangular)
             Y = solve_triangular_lowp(q.mH, V.reshape(B, d, b), upper=False, left=True)
             V = Y.reshape(V.shape)
@@ -271,18 +271,16 @@ def solve_qh(Q: Sequence[Tensor], V: Tensor) -> Tensor:
 def _by_inverse(d: int, rhs: int, first: bool) -> bool:
     """Whether ``Q⁻ᴴ V`` along a ``d x d`` factor with ``rhs`` right-hand sides is cheaper as
     ``(Q⁻¹)ᴴ V``: the inverse costs one solve on ``d`` right-hand sides, the rest is a product.
-    Measured here (float32, 1 and 2 threads, ``128 ≤ d ≤ 256``): along a tensor's first axis
-    (``first``: ``Qᴴ Y = V``, whose right-hand sides ``torch.linalg.solve_triangular`` copies to
-    column-major first) the inverse is 1.2-4.2x faster from ``rhs = 2d`` on (it takes 0.5-1.4x
-    the time of the row solve ``solve_qh`` uses there otherwise on two threads, 1.2-2.4x on one:
-    kept, as the benchmark runs on two); along another axis the solve runs well and the inverse
-    wins only with far more right-hand sides (1.05-1.4x from
-    ``rhs = 64d``; below that it can lose 2x on one thread): a GPT-2 embedding's ``(50257, 128)``,
-    1.6x on one thread, 2x on two. Past ``d = 256`` the inverse (a cubic solve) costs more;
-    below ``d = 128`` the solve costs little and stays, and so does a half-precision one (its
-    solve runs in float32). The two agree to ~5e-7 relative in float32. The cut-offs were
-    measured on a CPU and are used on every device."""
-    return 128 <= d <= 256 and rhs >= (2 if first else 64) * d
+    Measured here (float32, 1 and 2 threads, ``128 ≤ d ≤ 256``): along an axis other than the
+    first the inverse wins with many right-hand sides (1.05-1.4x from ``rhs = 64d``; below that
+    it can lose 2x on one thread): a GPT-2 embedding's ``(50257, 128)``, 1.6x on one thread, 2x
+    on two. Along the first axis (``first``) it never pays against the row solve ``solve_qh``
+    uses there (1.2-2.4x slower on one thread; on two 0.5-1.4x of its time, erratic, about even
+    overall). Past ``d = 256`` the inverse (a cubic solve) costs more; below ``d = 128`` the solve
+    costs little and stays, and so does a half-precision one (its solve runs in float32). The
+    two agree to ~5e-7 relative in float32. The cut-offs were measured on a CPU and are used on
+    every device."""
+    return 128 <= d <= 256 and not first and rhs >= 64 * d
 
 
 def _eye(q: Tensor) -> Tensor:
