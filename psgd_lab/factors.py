@@ -169,9 +169,11 @@ def dense_first(Q: Sequence[Tensor]) -> list[int]:
 
 def scale_axis(X: Tensor, q: Tensor, i: int, fresh: bool, divide: bool = False) -> Tensor:
     """``X`` times (``divide``: over) the diagonal or scalar factor ``q`` along axis ``i``; in
-    place when ``X`` is a ``fresh`` temporary of the result's dtype."""
+    place when ``X`` is a ``fresh`` temporary of the result's dtype and autograd does not
+    record it (a solve keeps its result for its backward: scaling that in place breaks it)."""
     s = _bcast(q, i, X)
-    if fresh and X.dtype == torch.promote_types(X.dtype, s.dtype):
+    taped = torch.is_grad_enabled() and (X.requires_grad or s.requires_grad)
+    if fresh and not taped and X.dtype == torch.promote_types(X.dtype, s.dtype):
         return X.div_(s) if divide else X.mul_(s)
     return X / s if divide else X * s
 

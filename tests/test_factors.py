@@ -202,10 +202,18 @@ def test_first_axis_solve_on_rows_agrees_with_the_column_solve(shape, dtype, mon
     column solve to round-off, complex stacks included; fewer columns keep the column solve."""
     gen = torch.Generator().manual_seed(0)
     d = shape[0]
-    Q = [torch.eye(d) + torch.randn(2, d, d, generator=gen).triu() / (2 * d**0.5)]
-    Q += [torch.rand(2, n, generator=gen) + 0.5 for n in shape[1:]]  # well conditioned
+    cplx = dtype.is_complex  # genuinely complex factors and stack: nonzero imaginary parts
+
+    def rand(*size, scale=1.0):
+        r = torch.randn(*size, generator=gen)
+        return torch.complex(r, torch.randn(*size, generator=gen)) * scale if cplx else r * scale
+
+    Q = [torch.eye(d) + rand(2, d, d, scale=1 / (2 * d**0.5)).triu()]
+    Q += [torch.rand(2, n, generator=gen) + 0.5 + (1j * rand(2, n, scale=0.3) if cplx else 0)
+          for n in shape[1:]]  # fmt: skip  # well conditioned
     Q = [q.to(dtype) for q in Q]
-    X = torch.randn((2, *shape), generator=torch.Generator().manual_seed(1)).to(dtype)
+    X = rand(2, *shape).to(dtype)
+    assert not cplx or all(float(t.imag.abs().max()) > 1e-3 for t in (*Q, X))
     calls = []
     real = torch.linalg.solve_triangular
     monkeypatch.setattr(torch.linalg, "solve_triangular",
@@ -307,3 +315,39 @@ def test_diagonal_factors_scale_fresh_products_in_place_and_never_the_input(diag
         for i, q in enumerate(Q):
             want, inv = want * factors._bcast(q, i, X), inv / factors._bcast(q, i, X)
         assert torch.equal(got, want) and torch.equal(sol, inv)
+
+
+@pytest.mark.parametrize("diag", [(True, False), (False, True)])
+def test_solves_and_products_keep_their_gradients(diag):
+    """Under autograd the diagonal factors scale out of place: ``solve_triangular`` keeps its
+    result for its backward, so scaling it in place would break ``backward()``. Gradients
+    through ``solve_qh`` and ``apply_q_triangular`` (to ``V`` and to every factor) equal those
+    of the plain out-of-place composition."""
+    shape = (80, 70)
+    gen = torch.Generator().manual_seed(3)
+    Q0 = [torch.rand(2, d, generator=gen, dtype=torch.float64) + 0.5 if dg
+          else torch.eye(d, dtype=torch.float64)
+          + torch.randn(2, d, d, generator=gen, dtype=torch.float64).triu() / (2 * d**0.5)
+          for d, dg in zip(shape, diag)]  # fmt: skip
+    V0 = torch.randn(2, *shape, generator=gen, dtype=torch.float64)
+
+    def grads(fn):
+        Q = [q.clone().requires_grad_() for q in Q0]
+        V = V0.clone().requires_grad_()
+        out = fn(Q, V * 1.0)  # a non-leaf input, as inside a model
+        out.square().sum().backward()
+        return [out.detach(), V.grad, *(q.grad for q in Q)]
+
+    def plain_solve(Q, V):
+        for i, q in enumerate(Q):
+            if factors.is_dense(q):
+                Vi = V.movedim(i + 1, 1)
+                Y = torch.linalg.solve_triangular(q.mH, Vi.reshape(2, q.shape[-1], -1), upper=False)
+                V = Y.reshape(Vi.shape).movedim(1, i + 1)
+            else:
+                V = V / factors._bcast(q, i, V)
+        return V
+
+    for fn, ref in ((factors.solve_qh, plain_solve), (factors.apply_q_triangular, factors.apply_q)):
+        for got, want in zip(grads(fn), grads(ref)):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
