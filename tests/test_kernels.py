@@ -244,24 +244,30 @@ def test_compiled_kernel_survives_many_structures(per_structure):
         assert type(err.value).__name__ == "FailOnRecompileLimitHit"
 
 
-@pytest.mark.parametrize("prob", [1.0, 1e-6])  # 1e-6: apply-only after the first step
+@pytest.mark.parametrize("prob", [1.0, 1e-6])  # 1e-6: P is never updated, Q stays at its init
 def test_applying_p_leaves_the_momentum_as_it_is(prob):
     """``P m̂`` scales fresh products in place (``factors.scale_axis``), never the momentum
     buffer itself: after steps on fixed gradients each buffer is the plain EMA of them, for an
-    embedding-like weight (diagonal rows, dense columns), an all-diagonal one and a vector,
-    stacked in pairs, updating ``P`` or only applying it."""
+    embedding-like weight (diagonal rows, dense columns), an all-dense matrix, an all-diagonal
+    one (``memory_save_mode="all_diag"``) and a vector, stacked in pairs, updating ``P`` on
+    every step or only applying it (at 1e-6 the update counter never reaches its threshold in
+    three steps, so every step applies the initial ``Q``)."""
     gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen))
-              for s in [(9000, 16), (9000, 16), (30, 20), (30, 20), (50,)]]  # fmt: skip
+    shapes = [(9000, 16), (9000, 16), (30, 20), (30, 20), (50,)], [(40, 12), (40, 12)]
+    groups = [[torch.nn.Parameter(torch.randn(s, generator=gen)) for s in g] for g in shapes]
+    params = groups[0] + groups[1]
     grads = [torch.randn(p.shape, generator=gen) for p in params]
-    opt = Kron(params, preconditioner_update_probability=prob, max_size_triangular=8192,
+    opt = Kron([{"params": groups[0], "memory_save_mode": None},
+                {"params": groups[1], "memory_save_mode": "all_diag"}],
+               preconditioner_update_probability=prob, max_size_triangular=8192,
                lr=0.01)  # fmt: skip
-    opt.param_groups[0]["memory_save_mode"] = None
     want = [torch.zeros_like(p) for p in params]
     for _ in range(3):
         for p, g, w in zip(params, grads, want):
             p.grad = g.clone()
             w.lerp_(g, 1 - opt.param_groups[0]["b1"])
         opt.step()
+    kinds = [tuple(q.dim() == 2 for q in opt.state[p]["Q"]) for p in params]  # dense?
+    assert kinds[0] == (False, True) and kinds[2] == (True, True) and kinds[5] == (False, False)
     for p, w in zip(params, want):
         assert torch.equal(opt.state[p]["momentum_buffer"], w)
