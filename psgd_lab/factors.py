@@ -243,8 +243,9 @@ def solve_qh(Q: Sequence[Tensor], V: Tensor) -> Tensor:
     (``_by_inverse``) by its inverse; dense factors first (``dense_first``). Along the first axis
     a ``V`` with ``_ROW_SOLVE`` columns or more is solved as ``Yᴴ Q = Vᴴ``: the solve of
     ``Qᴴ Y = V`` copies ``V`` to column-major first, the row solve reads it as it lies (measured
-    here, float32, stacks of 1-12, d = 128-4096, 64-768 columns: 0.3-0.9x of its time on one
-    thread and 0.5-0.9x on two; below 64 columns it can lose up to 4x on two threads)."""
+    here on two days, float32, stacks of 1-12, d = 128-4096, 64-1536 columns: 0.3-0.96x of its
+    time on one thread; on two mostly 0.5-1.0x, but a stack of four ``(1024, 128)`` took
+    1.0-1.3x, erratic; below 64 columns it can lose up to 4x on two threads)."""
     fresh = False
     for i in dense_first(Q):
         q = Q[i]
@@ -276,9 +277,9 @@ def _by_inverse(d: int, rhs: int, first: bool) -> bool:
     Measured here (float32, 1 and 2 threads, ``128 ≤ d ≤ 256``): along an axis other than the
     first the inverse wins with many right-hand sides (1.05-1.4x from ``rhs = 64d``; below that
     it can lose 2x on one thread): a GPT-2 embedding's ``(50257, 128)``, 1.6x on one thread, 2x
-    on two. Along the first axis (``first``) it never pays against the row solve ``solve_qh``
-    uses there (1.2-2.4x slower on one thread; on two 0.5-1.4x of its time, erratic, about even
-    overall). Past ``d = 256`` the inverse (a cubic solve) costs more; below ``d = 128`` the solve
+    on two. Along the first axis (``first``) it shows no consistent gain over the row solve
+    ``solve_qh`` uses there (1.2-2.4x slower on one thread; on two 0.5-1.4x of its time, erratic,
+    about even overall), so the simpler solve stays. Past ``d = 256`` the inverse (a cubic solve) costs more; below ``d = 128`` the solve
     costs little and stays, and so does a half-precision one (its solve runs in float32). The
     two agree to ~5e-7 relative in float32. The cut-offs were measured on a CPU and are used on
     every device."""
