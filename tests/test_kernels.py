@@ -271,3 +271,34 @@ def test_applying_p_leaves_the_momentum_as_it_is(prob):
     assert kinds[0] == (False, True) and kinds[2] == (True, True) and kinds[5] == (False, False)
     for p, w in zip(params, want):
         assert torch.equal(opt.state[p]["momentum_buffer"], w)
+
+
+@pytest.mark.parametrize(
+    "dtype, geometry",
+    [(torch.float64, "EQ"), (torch.bfloat16, "EQ"), (torch.complex64, "EQ"),
+     (torch.float32, "PRO4P"), (torch.float32, "QUAD4P")],
+)  # fmt: skip
+def test_applying_p_leaves_the_momentum_as_it_is_in_every_dtype_and_form(dtype, geometry):
+    """The same ownership on the other paths of ``P m̂``: float64 (copied, not written in place
+    by BLAS), bf16, complex stacks, and factors of ``P`` itself (``fits_p``: ``P X = Q X``).
+    Every buffer is the EMA of its fixed gradients (bf16: within one bf16 rounding per step)."""
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(9000, 16), (9000, 16), (30, 20), (30, 20), (50,)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
+    grads = [torch.randn(p.shape, generator=gen).to(dtype) for p in params]
+    if dtype.is_complex:
+        grads = [g + 1j * torch.randn(g.shape, generator=gen) for g in grads]
+    opt = Kron(params, preconditioner_update_probability=1.0, max_size_triangular=8192,
+               lr=0.01, geometry=geometry)  # fmt: skip
+    want = [torch.zeros_like(p) for p in params]
+    for _ in range(3):
+        for p, g, w in zip(params, grads, want):
+            p.grad = g.clone()
+            w.lerp_(g, 1 - opt.param_groups[0]["b1"])
+        opt.step()
+    for p, w in zip(params, want):
+        m = opt.state[p]["momentum_buffer"]
+        if dtype == torch.bfloat16:
+            torch.testing.assert_close(m.float(), w.float(), rtol=2**-6, atol=2**-6)
+        else:
+            assert torch.equal(m, w)
