@@ -279,10 +279,10 @@ def _by_inverse(d: int, rhs: int, first: bool) -> bool:
     it can lose 2x on one thread): a GPT-2 embedding's ``(50257, 128)``, 1.6x on one thread, 2x
     on two. Along the first axis (``first``) it shows no consistent gain over the row solve
     ``solve_qh`` uses there (1.2-2.4x slower on one thread; on two 0.5-1.4x of its time, erratic,
-    about even overall), so the simpler solve stays. Past ``d = 256`` the inverse (a cubic solve) costs more; below ``d = 128`` the solve
-    costs little and stays, and so does a half-precision one (its solve runs in float32). The
-    two agree to ~5e-7 relative in float32. The cut-offs were measured on a CPU and are used on
-    every device."""
+    about even overall), so the simpler solve stays. Past ``d = 256`` the inverse (a cubic
+    solve) costs more; below ``d = 128`` the solve costs little and stays, and so does a
+    half-precision one (its solve runs in float32). The two agree to ~5e-7 relative in float32.
+    The cut-offs were measured on a CPU and are used on every device."""
     return 128 <= d <= 256 and not first and rhs >= 64 * d
 
 
