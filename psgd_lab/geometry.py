@@ -202,7 +202,8 @@ def update_eq(Q, L, v, h, *, lr, lipschitz, beta_L, norm_bound, starts) -> None:
     """``dQ = E Q``: ``Q_i <- Q_i − lr/L_i · triu(T1 − T2) Q_i`` with ``A = Qh``, ``B = Q⁻ᴴv``.
     A dense factor whose unfoldings are thin (``_factored``) never forms ``T1 − T2``: it is
     ``L Rᴴ`` with ``L = [A_i, B_i]``, ``R = [A_i, −B_i]``, and ``triu(L Rᴴ) Q_i`` is summed in
-    factored form (``linalg.triu_outer_mm``, docs/maths.md §3.2)."""
+    factored form (``linalg.triu_outer_mm``, docs/maths.md §3.2); its step's norm bound is taken
+    on the small Gram ``Lᴴ L``, whose spectral norm is that of ``T1 + T2 = L Lᴴ``."""
     if v is None:
         raise ValueError("EQ needs an explicit v (whitening draws one; see Geometry.needs_v)")
     A = apply_q_triangular(Q, h)
@@ -210,9 +211,12 @@ def update_eq(Q, L, v, h, *, lr, lipschitz, beta_L, norm_bound, starts) -> None:
     for i, q in enumerate(Q):
         dense = is_dense(q)
         if dense and _factored(q.shape[-1], 2 * _c(h, i)):
-            Lf = torch.cat([unfold(A, i), unfold(Bv, i)], dim=-1)  # (B, d, 2·numel/d)
-            s = step_size(mm(Lf, Lf.mH), 0.0, L[i], q, lr, lipschitz, beta_L, norm_bound,
-                          starts[i])  # fmt: skip
+            Lf = torch.cat([unfold(A, i), unfold(Bv, i)], dim=-1)  # (B, d, k), k = 2·numel/d
+            # ‖T1 + T2‖ = ‖Lf Lfᴴ‖ = ‖Lfᴴ Lf‖ (the same nonzero eigenvalues): the bound reads
+            # the k x k Gram, never the d x d product; the subspace start rows go along (V Lf)
+            start = None if starts[i] is None else mm(starts[i].to(Lf.dtype), Lf)
+            s = step_size(mm(Lf.mH, Lf), 0.0, L[i], q, lr, lipschitz, beta_L, norm_bound,
+                          start)  # fmt: skip
             Rf = torch.cat([unfold(A, i), unfold(Bv, i).neg()], dim=-1)
             q.addcmul_(triu_outer_mm(Lf, Rf, q).nan_to_num_(0.0, 0.0, 0.0), s, value=-1)
             continue

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from psgd_lab import factors, geometry
+from psgd_lab import factors, geometry, linalg
 from psgd_lab.linalg import norm_lower_bound_power, triu_outer_mm
 
 F64 = dict(rtol=1e-11, atol=1e-12)
@@ -48,7 +48,11 @@ def _plain_eq(Q, v, h, lr):
             out.append(q - (lr / ell)[:, None] * (T1 - T2) * q)
             continue
         T1, T2 = factors.gram(i, A, A), factors.gram(i, Bv, Bv)
-        ell = norm_lower_bound_power(T1 + T2)
+        if geometry._factored(q.shape[-1], 2 * factors.unfold(A, i).shape[-1]):
+            Lf = torch.cat([factors.unfold(A, i), factors.unfold(Bv, i)], dim=-1)
+            ell = norm_lower_bound_power(Lf.mH @ Lf)  # ‖Lfᴴ Lf‖ = ‖T1 + T2‖
+        else:
+            ell = norm_lower_bound_power(T1 + T2)
         out.append(q - (lr / ell)[:, None, None] * torch.triu(T1 - T2) @ q)
     return out
 
@@ -75,3 +79,26 @@ def test_update_eq_factored_equals_the_plain_formula(shape, diag):
         geometry.update("EQ", Q, L, v, h, lr=0.1, lipschitz="kron", norm_bound="power")
         for got, w in zip(Q, want):
             torch.testing.assert_close(got, w, **F64)
+
+
+@pytest.mark.parametrize("method", ["power", "subspace"])
+def test_the_factored_bound_is_a_lower_bound_of_the_same_norm(method):
+    """The factored path bounds ``‖T1 + T2‖₂ = ‖L Lᴴ‖₂`` on the ``k x k`` Gram ``Lᴴ L`` (the same
+    nonzero eigenvalues; the subspace start rows ``V`` become ``V L``): never above the true
+    norm, and as tight as the bound on the ``d x d`` matrix. Over 80 random ``(512, 24)``
+    factors, flat spectra to one dominant direction: at least 0.85 of the norm (measured 0.856
+    for power, 0.929 for subspace; the ``d x d`` bound 0.868 and 0.919), and on average within
+    0.005 of the ``d x d`` bound's ratio (measured 0.9943 against 0.9946, 0.9976 against 0.9975)."""
+    g = torch.Generator().manual_seed(0)
+    small, big = [], []
+    for seed in range(20):
+        Lf = torch.randn(4, 512, 24, generator=g, dtype=torch.float64)
+        Lf[..., 0] *= 1 + seed  # a range of spectra, from flat to one dominant direction
+        true = torch.linalg.matrix_norm(Lf, ord=2) ** 2
+        start = torch.randn(4, linalg.SUBSPACE_ROWS, 512, generator=g, dtype=torch.float64)
+        small.append(linalg.norm_lower_bound(Lf.mH @ Lf, method, start @ Lf) / true)
+        big.append(linalg.norm_lower_bound(Lf @ Lf.mH, method, start) / true)
+    small, big = torch.cat(small), torch.cat(big)
+    assert float(small.max()) <= 1 + 1e-12  # a lower bound
+    assert float(small.min()) >= 0.85
+    assert abs(float(small.mean() - big.mean())) <= 0.005
