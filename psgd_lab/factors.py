@@ -253,11 +253,12 @@ def gram_self(i: int, X: Tensor, dense: bool = True) -> Tensor:
     if not dense or X.dim() == 1:
         return gram_diag(i, X, X)
     B, a, d, b = _axes(X, i)
-    if d <= 256 or (2 * a * b < d and not (a * b >= 192 and d <= 2048)):
-        # a thin unfolding (fewer columns than d / 2) makes the product memory-bound: the block
-        # splitting would only add copies of the d x d result; measured here (1 and 2 threads),
-        # from 192 columns up to d = 2048 the blocks still win (0.65-0.96x, e.g. a ViT's
-        # (768, 192) weights; 128 columns, or d = 4096, lose 2-20%)
+    if d <= 256 or 2 * a * b < d:
+        # a thin unfolding (fewer columns than d / 2): the product writes far more than it reads,
+        # and the block splitting adds the mirror copies of the d x d result. Measured here in
+        # whole ViT-S steps (its (768, 192) and (576, 192) weights), one product is 0.97-0.98x
+        # of the blocks' time on one and two threads; an earlier, noisier measurement of the
+        # products alone had favoured the blocks from 192 columns
         return gram(i, X, X)
     return self_gram(X.movedim(i + 1, 1).reshape(B, d, -1))
 
