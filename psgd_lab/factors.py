@@ -127,10 +127,12 @@ def one_pass(q: Tensor, cols: int) -> bool:
     """Whether ``Q_iᴴ (Q_i X)`` with ``cols`` columns reads ``q`` once (``linalg.triu_p_mm``):
     for ``d ≥ 1024`` (an upper triangle of 2 MiB or more in float32, past this CPU's 2 MiB of L2
     per core) and at most ``linalg._NARROW`` columns, in float32, float64 and complex (bf16
-    would round its sum over blocks in bf16), outside ``torch.compile`` and autograd. Measured
-    here (blocks of 128 rows): 0.53-0.93x of the time of the two passes on two threads and
-    0.53-0.92x on one, d = 1024-8192, 1-64 columns. The rule reads one tensor's factor, never
-    the stack's size, so a tensor takes the same path alone or stacked."""
+    would round its sum over blocks in bf16), eagerly (a compiled step keeps the two passes) and
+    not for a factor autograd records. Measured here in float32 (blocks of 128 rows):
+    0.53-0.93x of the time of the two passes on two threads and 0.53-0.92x on one, d = 1024-8192,
+    1-64 columns; float64 and complex take it on the same reasoning, unmeasured. The rule reads
+    one tensor's factor, never the stack's size, so a tensor takes the same path alone or
+    stacked (in eager mode)."""
     return (
         q.shape[-1] >= 1024
         and cols <= _NARROW
@@ -253,12 +255,14 @@ def gram_self(i: int, X: Tensor, dense: bool = True) -> Tensor:
     if not dense or X.dim() == 1:
         return gram_diag(i, X, X)
     B, a, d, b = _axes(X, i)
-    if d <= 256 or 2 * a * b < d:
-        # a thin unfolding (fewer columns than d / 2): the product writes far more than it reads,
-        # and the block splitting adds the mirror copies of the d x d result. Measured here in
-        # whole ViT-S steps (its (768, 192) and (576, 192) weights), one product is 0.97-0.98x
-        # of the blocks' time on one and two threads; an earlier, noisier measurement of the
-        # products alone had favoured the blocks from 192 columns
+    if d <= 256 or 3 * a * b <= d:
+        # a thin unfolding (at most d / 3 columns): the product writes far more than it reads,
+        # and the block splitting adds the mirror copies of the d x d result. Measured here
+        # (1 and 2 threads): whole ViT-S update steps (its (768, 192) and (576, 192) weights)
+        # 0.97-0.98x of the blocks' time with one product; products alone, the blocks at
+        # 1.36-1.41x of one product's time for (2048, 256), about even for (1024, 256) and
+        # (512, 192), and winning from about d / 2 columns on: 0.69-0.92x for (1024, 500),
+        # (1536, 700) and (2048, 1000)
         return gram(i, X, X)
     return self_gram(X.movedim(i + 1, 1).reshape(B, d, -1))
 
