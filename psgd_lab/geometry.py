@@ -42,6 +42,7 @@ from .linalg import (
     norm_lower_bound,
     procrustes_step,
     procrustes_until,
+    rms1_rows,
     triu_matmul,
     triu_outer_mm,
 )
@@ -214,7 +215,7 @@ def update_eq(Q, L, v, h, *, lr, lipschitz, beta_L, norm_bound, starts) -> None:
             Lf = torch.cat([unfold(A, i), unfold(Bv, i)], dim=-1)  # (B, d, k), k = 2·numel/d
             # ‖T1 + T2‖ = ‖Lf Lfᴴ‖ = ‖Lfᴴ Lf‖ (the same nonzero eigenvalues): the bound reads
             # the k x k Gram, never the d x d product; the subspace start rows go along (V Lf)
-            start = None if starts[i] is None else mm(starts[i].to(Lf.dtype), Lf)
+            start = None if starts[i] is None else rms1_rows(mm(starts[i].to(Lf.dtype), Lf))
             s = step_size(mm(Lf.mH, Lf), 0.0, L[i], q, lr, lipschitz, beta_L, norm_bound,
                           start)  # fmt: skip
             Rf = torch.cat([unfold(A, i), unfold(Bv, i).neg()], dim=-1)

@@ -54,6 +54,14 @@ def sq_norm(x: Tensor, dim, keepdim: bool = False) -> Tensor:
     return (x * x.conj()).real.sum(dim=dim, keepdim=keepdim)
 
 
+def rms1_rows(V: Tensor) -> Tensor:
+    """``V`` with each row scaled to an RMS of 1, as a standard normal row's. The subspace
+    bound mixes its start rows with ``A``'s largest row (scaled to max 1): a start made from the
+    data (``geometry.update_eq``'s ``V L``) must not bring the data's scale into that mix."""
+    ms = sq_norm(V, -1, keepdim=True) / V.shape[-1]
+    return V * torch.rsqrt(ms + torch.finfo(ms.dtype).tiny)
+
+
 def norm(x: Tensor, dim, keepdim: bool = False) -> Tensor:
     """``‖x‖₂`` over ``dim`` (see ``sq_norm``)."""
     return sq_norm(x, dim, keepdim).sqrt()
