@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from psgd_lab import factors, geometry, linalg
-from psgd_lab.linalg import norm_lower_bound_power, triu_outer_mm
+from psgd_lab.linalg import triu_outer_mm
 
 F64 = dict(rtol=1e-11, atol=1e-12)
 
@@ -36,32 +36,43 @@ def test_the_factored_path_is_taken_only_where_it_is_cheaper():
     assert not geometry._factored(64, 2)  # small: the dense product is one dispatch
 
 
-def _plain_eq(Q, v, h, lr):
-    """``Q_i − lr/ℓ_i · triu(T1 − T2) Q_i`` for every factor, from the dense grams."""
+def _plain_eq(Q, v, h, lr, method, starts):
+    """``Q_i − lr/ℓ_i · triu(T1 − T2) Q_i`` for every factor, from the dense grams, and the
+    ``ℓ_i``. A factored factor's ``ℓ_i`` bounds the same norm ``‖T1 + T2‖₂ = ‖Lᴴ L‖₂`` on the
+    small Gram (the subspace bound from the start rows ``V L``, RMS 1 per row); the others bound
+    ``T1 + T2`` itself."""
     A = factors.apply_q(Q, h)
     Bv = factors.solve_qh(Q, v)
-    out = []
+    out, ells = [], []
     for i, q in enumerate(Q):
         if not factors.is_dense(q):
             T1, T2 = factors.gram_diag(i, A, A), factors.gram_diag(i, Bv, Bv)
             ell = (T1 + T2).amax(dim=-1)
             out.append(q - (lr / ell)[:, None] * (T1 - T2) * q)
+            ells.append(ell)
             continue
         T1, T2 = factors.gram(i, A, A), factors.gram(i, Bv, Bv)
+        start = starts[i]
         if geometry._factored(q.shape[-1], 2 * factors.unfold(A, i).shape[-1]):
             Lf = torch.cat([factors.unfold(A, i), factors.unfold(Bv, i)], dim=-1)
-            ell = norm_lower_bound_power(Lf.mH @ Lf)  # ‖Lfᴴ Lf‖ = ‖T1 + T2‖
+            W = None if start is None else start @ Lf
+            W = None if W is None else W / (W.abs().square().mean(-1, keepdim=True).sqrt())
+            ell = linalg.norm_lower_bound(Lf.mH @ Lf, method, W)
         else:
-            ell = norm_lower_bound_power(T1 + T2)
+            ell = linalg.norm_lower_bound(T1 + T2, method, start)
         out.append(q - (lr / ell)[:, None, None] * torch.triu(T1 - T2) @ q)
-    return out
+        ells.append(ell)
+    return out, ells, A, Bv
 
 
+@pytest.mark.parametrize("method", ["power", "subspace"])
 @pytest.mark.parametrize("shape, diag", [((300, 4), (False, False)), ((3, 200, 2), (True, False,
                                           False)), ((160, 7), (False, True))])  # fmt: skip
-def test_update_eq_factored_equals_the_plain_formula(shape, diag):
+def test_update_eq_factored_equals_the_plain_formula(shape, diag, method):
     """Shapes whose long axis takes the factored path (the first axis, a middle one, next to a
-    diagonal factor); 3 updates from a random upper-triangular ``Q``."""
+    diagonal factor); 3 updates from a random upper-triangular ``Q``, with either norm bound
+    (the subspace one from explicit start rows). Besides the formula, each factored ``ℓ_i`` is
+    checked against the true ``‖T1 + T2‖₂``: a lower bound, and not a loose one."""
     g = torch.Generator().manual_seed(len(shape))
     assert any(geometry._factored(d, 2 * (torch.Size(shape).numel() // d))
                for d, dg in zip(shape, diag) if not dg)  # fmt: skip
@@ -75,10 +86,20 @@ def test_update_eq_factored_equals_the_plain_formula(shape, diag):
     L = [torch.zeros(2, dtype=torch.float64) for _ in Q]
     for _ in range(3):
         v, h = (torch.randn(2, *shape, generator=g, dtype=torch.float64) for _ in range(2))
-        want = _plain_eq(Q, v, h, lr=0.1)
-        geometry.update("EQ", Q, L, v, h, lr=0.1, lipschitz="kron", norm_bound="power")
+        starts = [None if dg or method == "power" else 1e-3 * torch.randn(
+            2, linalg.SUBSPACE_ROWS, d, generator=g, dtype=torch.float64)
+            for d, dg in zip(shape, diag)]  # fmt: skip  # any scale: RMS 1 per row is taken
+        want, ells, A, Bv = _plain_eq(Q, v, h, 0.1, method, starts)
+        geometry.update("EQ", Q, L, v, h, lr=0.1, lipschitz="kron", norm_bound=method,
+                        starts=starts)  # fmt: skip
         for got, w in zip(Q, want):
             torch.testing.assert_close(got, w, **F64)
+        for i, dg in enumerate(diag):
+            torch.testing.assert_close(L[i], ells[i], **F64)  # lipschitz="kron": L_i = ℓ_i
+            if not dg:
+                UA, UB = factors.unfold(A, i), factors.unfold(Bv, i)
+                true = torch.linalg.matrix_norm(UA @ UA.mH + UB @ UB.mH, ord=2)
+                assert bool((L[i] <= true * (1 + 1e-12)).all() and (L[i] >= 0.5 * true).all())
 
 
 @pytest.mark.parametrize("method", ["power", "subspace"])

@@ -15,8 +15,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from psgd_lab import Kron, geometry
+from psgd_lab import Kron, factors, geometry, linalg
 from psgd_lab.factors import is_dense
+from psgd_lab.optim import kernels
 
 
 def update_eq_full(Q, L, v, h, *, lr, lipschitz, beta_L, norm_bound, starts) -> None:
@@ -302,3 +303,62 @@ def test_applying_p_leaves_the_momentum_as_it_is_in_every_dtype_and_form(dtype, 
             torch.testing.assert_close(m.float(), w.float(), rtol=2**-6, atol=2**-6)
         else:
             assert torch.equal(m, w)
+
+
+@pytest.mark.parametrize("shape, cols", [((1024, 3), 3), ((2048,), 1), ((5, 1100), 5),
+                                         ((1024, 65), None), ((512, 2), None)])  # fmt: skip
+def test_large_triangular_factors_with_few_columns_apply_p_in_one_pass(shape, cols, monkeypatch):
+    """The optimiser's ``P X`` along a large EQ factor (d ≥ 1024) with at most 64 columns takes
+    ``triu_p_mm`` (``factors.one_pass``), along the first or the last axis, and agrees with the
+    two passes; wider or smaller products keep the old paths."""
+    g = torch.Generator().manual_seed(len(shape))
+    i = 0 if shape[0] >= 512 else len(shape) - 1
+    d = shape[i]
+    q = (torch.eye(d) + torch.randn(2, d, d, generator=g).triu() / d**0.5).contiguous()
+    X = torch.randn(2, *shape, generator=g)
+    calls = []
+    real = linalg.triu_p_mm
+    monkeypatch.setattr(factors, "triu_p_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = kernels._apply_p_one(q, i, X, triangular=True)
+    assert bool(calls) == (cols is not None)
+    want = factors.apply_one(q.mH, i, factors.apply_one(q, i, X))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_the_one_pass_rule_keeps_out_what_it_cannot_take():
+    """``factors.one_pass``: from d = 1024 and at most 64 columns, in float32/64 and complex;
+    not bf16 (its sum over blocks would round in bf16), not a factor autograd records (under
+    ``no_grad`` it is taken), not past 64 columns nor below d = 1024."""
+    q = torch.eye(1024)
+    assert factors.one_pass(q, 64) and factors.one_pass(q.double(), 1)
+    assert factors.one_pass(q.to(torch.complex64), 3)
+    assert not factors.one_pass(q, 65) and not factors.one_pass(torch.eye(1023), 1)
+    assert not factors.one_pass(q.bfloat16(), 1)
+    qg = q.clone().requires_grad_()
+    assert not factors.one_pass(qg, 1)
+    with torch.no_grad():
+        assert factors.one_pass(qg, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+def test_one_pass_tensors_agree_between_the_kernels(dtype):
+    """Tensors whose ``P X`` takes ``triu_p_mm`` (a (1024, 3) pair stacked, a (3, 1024) alone)
+    step alike under the grouped kernel and the single-tensor reference, over 40 steps with
+    ``P`` updated on a third of them, real and complex (to round-off: the stack of two runs its
+    products batched)."""
+
+    def run(kernel):
+        gen = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype))
+              for s in [(1024, 3), (1024, 3), (3, 1024)]]  # fmt: skip
+        opt = Kron(ps, lr=1e-2, kernel=kernel, preconditioner_update_probability=0.3)
+        for _ in range(40):
+            for p in ps:
+                g = torch.randn(p.shape, generator=gen)
+                p.grad = (g + 1j * torch.randn(p.shape, generator=gen)).to(dtype) if \
+                    dtype.is_complex else g  # fmt: skip
+            opt.step()
+        return [p.detach() for p in ps]
+
+    for a, b in zip(run("grouped"), run("single")):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

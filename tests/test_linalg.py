@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from psgd_lab import factors, linalg
+from psgd_lab import linalg
 from psgd_lab.linalg import (
     hermitian_defect,
     norm_lower_bound,
@@ -244,25 +244,3 @@ def test_triu_p_mm_is_p_applied_in_one_pass(B, d, m, block, dtype):
     assert torch.equal(U, U0) and torch.equal(X, X0)
     tol = 1e-12 if dtype == torch.float64 else 2e-6
     assert float((got - want.to(dtype)).abs().max() / want.abs().max()) <= tol
-
-
-@pytest.mark.parametrize("shape, cols", [((1024, 3), 3), ((2048,), 1), ((5, 1100), 5),
-                                         ((1024, 65), None), ((512, 2), None)])  # fmt: skip
-def test_large_triangular_factors_with_few_columns_apply_p_in_one_pass(shape, cols, monkeypatch):
-    """The optimiser's ``P X`` along a large EQ factor (d ≥ 1024) with at most 64 columns takes
-    ``triu_p_mm`` (``factors.one_pass``), along the first or the last axis, and agrees with the
-    two passes; wider or smaller products keep the old paths."""
-    from psgd_lab.optim import kernels
-
-    g = torch.Generator().manual_seed(len(shape))
-    i = 0 if shape[0] >= 512 else len(shape) - 1
-    d = shape[i]
-    q = (torch.eye(d) + torch.randn(2, d, d, generator=g).triu() / d**0.5).contiguous()
-    X = torch.randn(2, *shape, generator=g)
-    calls = []
-    real = linalg.triu_p_mm
-    monkeypatch.setattr(factors, "triu_p_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
-    got = kernels._apply_p_one(q, i, X, triangular=True)
-    assert bool(calls) == (cols is not None)
-    want = factors.apply_one(q.mH, i, factors.apply_one(q, i, X))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
