@@ -245,6 +245,17 @@ def test_compiled_kernel_survives_many_structures(per_structure):
         assert type(err.value).__name__ == "FailOnRecompileLimitHit"
 
 
+def _steps_and_their_ema(opt, params, grads, steps=3):
+    """``steps`` steps on the fixed ``grads``; the EMA of them each momentum buffer must hold."""
+    want = [torch.zeros_like(p) for p in params]
+    for _ in range(steps):
+        for p, g, w in zip(params, grads, want):
+            p.grad = g.clone()
+            w.lerp_(g, 1 - opt.param_groups[0]["b1"])
+        opt.step()
+    return want
+
+
 @pytest.mark.parametrize("prob", [1.0, 1e-6])  # 1e-6: P is never updated, Q stays at its init
 def test_applying_p_leaves_the_momentum_as_it_is(prob):
     """``P m̂`` scales fresh products in place (``factors.scale_axis``), never the momentum
@@ -262,12 +273,7 @@ def test_applying_p_leaves_the_momentum_as_it_is(prob):
                 {"params": groups[1], "memory_save_mode": "all_diag"}],
                preconditioner_update_probability=prob, max_size_triangular=8192,
                lr=0.01)  # fmt: skip
-    want = [torch.zeros_like(p) for p in params]
-    for _ in range(3):
-        for p, g, w in zip(params, grads, want):
-            p.grad = g.clone()
-            w.lerp_(g, 1 - opt.param_groups[0]["b1"])
-        opt.step()
+    want = _steps_and_their_ema(opt, params, grads)
     kinds = [tuple(q.dim() == 2 for q in opt.state[p]["Q"]) for p in params]  # dense?
     assert kinds[0] == (False, True) and kinds[2] == (True, True) and kinds[5] == (False, False)
     for p, w in zip(params, want):
@@ -291,12 +297,7 @@ def test_applying_p_leaves_the_momentum_as_it_is_in_every_dtype_and_form(dtype, 
         grads = [g + 1j * torch.randn(g.shape, generator=gen) for g in grads]
     opt = Kron(params, preconditioner_update_probability=1.0, max_size_triangular=8192,
                lr=0.01, geometry=geometry)  # fmt: skip
-    want = [torch.zeros_like(p) for p in params]
-    for _ in range(3):
-        for p, g, w in zip(params, grads, want):
-            p.grad = g.clone()
-            w.lerp_(g, 1 - opt.param_groups[0]["b1"])
-        opt.step()
+    want = _steps_and_their_ema(opt, params, grads)
     for p, w in zip(params, want):
         m = opt.state[p]["momentum_buffer"]
         if dtype == torch.bfloat16:
