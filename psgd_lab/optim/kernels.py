@@ -98,11 +98,11 @@ def _apply_p_one(q: Tensor, i: int, X: Tensor, triangular: bool) -> Tensor:
     1x1-convolution-like unfolding with few columns), 5/8 of the FLOPs where it is not."""
     if triangular and factors.is_dense(q):
         _, a, d, b = factors._axes(X, i)
-        if min(a, b) == 1 and factors.one_pass(q, a * b):
-            return factors.apply_p_one_triangular(q, i, X, one_pass=True)
-        # measured: the blocks win from d = 2048 at any width, and at d = 1024 from 64 columns
-        if d > 256 and min(a, b) == 1 and (d >= 2048 or a * b >= 64):
-            return factors.apply_p_one_triangular(q, i, X)
+        if min(a, b) == 1:  # along the first or the last axis
+            one_pass = factors.one_pass(q, a * b)
+            # measured: the blocks win from d = 2048 at any width, and at d = 1024 from 64 columns
+            if one_pass or (d > 256 and (d >= 2048 or a * b >= 64)):
+                return factors.apply_p_one_triangular(q, i, X, one_pass=one_pass)
     return factors.apply_one(factors.adjoint(q), i, factors.apply_one(q, i, X))
 
 
