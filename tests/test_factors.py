@@ -160,20 +160,20 @@ def test_triangular_apply_p_equals_dense(shape, i):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64])
-@pytest.mark.parametrize("shape", [(9000, 140), (8300, 128), (90, 160, 120)])
+@pytest.mark.parametrize("shape", [(9000, 140), (8300, 128), (90, 160, 120), (5000, 16)])
 def test_solve_by_inverse_agrees_with_the_triangular_solve(shape, dtype, monkeypatch):
-    """A 128-256 factor with enough right-hand sides along another axis than the first
+    """A factor of at most 256 with enough right-hand sides along another axis than the first
     (``factors._by_inverse``: 64d) is solved through its inverse; it agrees with the triangular
     solve to float round-off (relative 5e-6 in single precision, 1e-12 in double), on the last
-    and a middle axis."""
-    diag = tuple(not 128 <= d <= 256 for d in shape)
+    and a middle axis, wide and narrow (an embedding's 16)."""
+    diag = tuple(not (i > 0 and d <= 256) for i, d in enumerate(shape))
     Q = random_factors(shape, diag, dtype, batch=2)
     X = torch.randn((2, *shape), dtype=dtype, generator=torch.Generator().manual_seed(1))
     used = []
     real_eye = factors._eye
     monkeypatch.setattr(factors, "_eye", lambda q: used.append(q.shape[-1]) or real_eye(q))
     got = factors.solve_qh(Q, X)
-    assert used == [d for d in shape if 128 <= d <= 256]  # every dense factor took it
+    assert used == [d for d, dg in zip(shape, diag) if not dg]  # every dense factor took it
     monkeypatch.setattr(factors, "_by_inverse", lambda d, rhs, first: False)
     want = factors.solve_qh(Q, X)
     tol = 1e-12 if dtype == torch.float64 else 5e-6
@@ -182,14 +182,16 @@ def test_solve_by_inverse_agrees_with_the_triangular_solve(shape, dtype, monkeyp
 
 def test_solve_by_inverse_only_where_it_pays():
     """Only along an axis other than the first, with 64d right-hand sides (there the solve runs
-    well below that); small factors, factors past 256 and the first axis (where the row solve
-    runs well) keep the solve."""
+    well below that); fewer right-hand sides, factors past 256 and the first axis (where the
+    row solve runs well) keep the solve."""
     assert factors._by_inverse(128, 50257, first=False)  # a GPT-2 embedding
     assert factors._by_inverse(256, 64 * 256, first=False)
     assert not factors._by_inverse(192, 768, first=False)  # a ViT MLP weight's last axis
     assert not factors._by_inverse(192, 768, first=True)  # its first axis
     assert not factors._by_inverse(128, 50257, first=True)
-    assert not factors._by_inverse(64, 64 * 4096, False)  # cheap anyway
+    assert factors._by_inverse(16, 50257, first=False)  # a narrow embedding's (d = 16)
+    assert factors._by_inverse(64, 64 * 64, False)
+    assert not factors._by_inverse(64, 196, first=False)  # a ViT's (196, 64): too few
     assert not factors._by_inverse(384, 64 * 4096, False)  # the inverse (a cubic solve) costs more
 
 
