@@ -307,18 +307,19 @@ def solve_qh(Q: Sequence[Tensor], V: Tensor) -> Tensor:
 def _by_inverse(d: int, rhs: int, first: bool) -> bool:
     """Whether ``Q⁻ᴴ V`` along a ``d x d`` factor with ``rhs`` right-hand sides is cheaper as
     ``(Q⁻¹)ᴴ V``: the inverse costs one solve on ``d`` right-hand sides, the rest is a product.
-    Measured (float32, 1 and 2 threads, an Intel and an AMD CPU): along an axis other than the
-    first the inverse wins with many right-hand sides (1.05-1.4x from ``rhs = 64d`` for
-    ``128 ≤ d ≤ 256``; below that it can lose 2x on one thread), most for a narrow factor with
-    a long other axis: a GPT-2 embedding's ``(50257, 16)`` 0.37-0.38x of the solve's time (AMD,
-    1 and 2 threads; 0.25x and 0.39x on the Intel), ``(50257, 64)`` 0.33-0.35x, ``(50257, 128)``
-    0.5-0.6x; even for the ``(4096, 16)``, ``(1024, 16)``, ``(768, 64)`` and ``(196, 64)``
-    stacks around it (0.79-1.05x). Along the first axis (``first``) it shows no consistent gain
-    over the row solve ``solve_qh`` uses there (1.2-2.4x slower on one thread; on two 0.5-1.4x of
-    its time, erratic, about even overall), so the simpler solve stays. Past ``d = 256`` the
-    inverse (a cubic solve) costs more; a half-precision factor keeps the solve (it runs in
-    float32). The two agree to ~5e-7 relative in float32. The cut-offs were measured on CPUs
-    and are used on every device."""
+    Measured (float32, 1 and 2 threads, an Intel and an AMD CPU), as a fraction of the solve's
+    time: along an axis other than the first, 0.7-0.95x from ``rhs = 64d`` for ``128 ≤ d ≤ 256``
+    (below that it can take 2x on one thread); most for a narrow factor with a long other axis,
+    a GPT-2 embedding's ``(50257, 16)`` 0.37-0.38x (AMD, 1 and 2 threads; 0.25x and 0.39x on the
+    Intel), ``(50257, 64)`` 0.33-0.35x, ``(50257, 128)`` 0.5-0.6x; about even at the fewest
+    right-hand sides the rule admits at ``d = 16``, a stack of four ``(4096, 16)`` (0.79-0.99x)
+    and one ``(1024, 16)`` (1.00-1.01x). With ``3d`` (twelve ``(196, 64)``, Intel) it took
+    1.1-1.5x: hence the ``64d`` floor. Along the first axis (``first``) it shows no consistent
+    gain over the row solve ``solve_qh`` uses there (1.2-2.4x on one thread; 0.5-1.4x on two,
+    erratic, about even overall), so the simpler solve stays. Past ``d = 256`` the inverse (a
+    cubic solve) costs more; a half-precision factor keeps the solve (it runs in float32). The
+    two agree to ~5e-7 relative in float32. The cut-offs were measured on CPUs and are used on
+    every device."""
     return d <= 256 and not first and rhs >= 64 * d
 
 
